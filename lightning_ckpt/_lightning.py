@@ -1,0 +1,156 @@
+"""Every use of Lightning internals lives here, so a Lightning upgrade touches one file.
+
+What it reaches into, and why:
+
+==========================================================  ==========================================
+``trainer._checkpoint_connector.dump_checkpoint``           build each rank's checkpoint dict exactly as
+                                                            ``Trainer.save_checkpoint`` does (hooks run)
+``_CheckpointConnector._parse_ckpt_path`` (wrapped once)    make ``ckpt_path="last"`` see the newest
+                                                            committed checkpoint of a ``CheckpointSaver``
+``trainer.fit_loop.epoch_loop.batch_progress``              ``{batch_in_epoch}``
+``trainer._checkpoint_connector._loaded_checkpoint``       the step being resumed from, in ``on_fit_start``
+                                                            (before the loops are restored)
+``trainer.strategy.checkpoint_io`` (public setter)          load our format when the trainer still has
+                                                            the stock ``TorchCheckpointIO``
+==========================================================  ==========================================
+
+Example:
+    >>> import lightning as L
+    >>> trainer = L.Trainer(logger=False, enable_progress_bar=False)
+    >>> rank_info(trainer)
+    RankInfo(rank=0, local_rank=0, node_rank=0, world_size=1, local_world_size=1)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+
+from lightning_ckpt.layout import Progress, RankInfo
+
+__all__ = [
+    "LastCheckpointProvider",
+    "default_run_name",
+    "dump_checkpoint",
+    "install_last_resolver",
+    "progress",
+    "rank_info",
+    "resume_step",
+    "use_checkpoint_io",
+]
+
+
+class LastCheckpointProvider(Protocol):
+    """A callback that knows its newest committed checkpoint (``CheckpointSaver``)."""
+
+    def newest_committed(self, trainer: Trainer) -> tuple[str, float] | None:
+        """``(path, created_time)`` of the newest committed checkpoint, or ``None``."""
+
+
+def rank_info(trainer: Trainer) -> RankInfo:
+    """The trainer's place in the job."""
+    local_world_size = int(getattr(trainer.strategy, "num_processes", 1) or 1)
+    return RankInfo(
+        rank=trainer.global_rank,
+        local_rank=trainer.local_rank,
+        node_rank=trainer.node_rank,
+        world_size=trainer.world_size,
+        local_world_size=local_world_size,
+    )
+
+
+def progress(trainer: Trainer) -> Progress:
+    """Epoch, optimizer step, batches done in this epoch, and logged scalar metrics."""
+    metrics: dict[str, float] = {}
+    for key, value in trainer.callback_metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            metrics[key] = float(value.item())
+        elif isinstance(value, (int, float)):
+            metrics[key] = float(value)
+    batch_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return Progress(epoch=trainer.current_epoch, batch=trainer.global_step, batch_in_epoch=batch_in_epoch, metrics=metrics)
+
+
+def resume_step(trainer: Trainer) -> int:
+    """The global step training starts from: the loaded checkpoint's, valid already in ``on_fit_start``."""
+    loaded = trainer._checkpoint_connector._loaded_checkpoint
+    if loaded:
+        return int(loaded.get("global_step", trainer.global_step))
+    return trainer.global_step
+
+
+def dump_checkpoint(trainer: Trainer, weights_only: bool) -> dict[str, Any]:
+    """This rank's checkpoint dict, built the way ``Trainer.save_checkpoint`` builds it."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only)
+
+
+def use_checkpoint_io(trainer: Trainer, make: Callable[[], CheckpointIO], kind: type) -> Any:
+    """The trainer's checkpoint IO if it is of type ``kind``; otherwise one made by ``make``.
+
+    When the trainer still has the stock ``TorchCheckpointIO``, the new one also replaces it, so
+    ``ckpt_path=`` loads our format (it reads legacy ``.ckpt`` files too). A custom IO is left alone.
+    """
+    current = trainer.strategy.checkpoint_io
+    if isinstance(current, kind):
+        return current
+    ours = make()
+    if type(current) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = ours
+    return ours
+
+
+def default_run_name() -> str:
+    """A run name that is the same every time the same command is run in the same directory.
+
+    Example:
+        >>> default_run_name() == default_run_name()
+        True
+    """
+    script = os.path.splitext(os.path.basename(sys.argv[0] or "python"))[0] or "python"
+    digest = hashlib.sha1("\0".join([os.getcwd(), *sys.argv]).encode()).hexdigest()[:8]
+    return f"{script}-{digest}"
+
+
+def _providers(trainer: Trainer) -> list[LastCheckpointProvider]:
+    return [cb for cb in trainer.checkpoint_callbacks if hasattr(cb, "newest_committed")]  # type: ignore[misc]
+
+
+def install_last_resolver() -> None:
+    """Teach ``ckpt_path="last"`` about ``CheckpointSaver`` (idempotent; other callbacks unaffected).
+
+    Lightning 2.x only asks ``ModelCheckpoint`` for ``"last"``. The wrapper asks every callback
+    with ``newest_committed`` first; when none has a committed checkpoint it defers to Lightning
+    (which warns and starts fresh when nothing else is found either).
+    """
+    original = _CheckpointConnector._parse_ckpt_path
+    if getattr(original, "_lightning_ckpt", False):
+        return
+
+    @functools.wraps(original)
+    def parse(self: _CheckpointConnector, state_fn: Any, ckpt_path: Any, *args: Any, **kwargs: Any) -> Any:
+        providers = _providers(self.trainer) if ckpt_path == "last" else []
+        if providers:
+            found = [c for c in (p.newest_committed(self.trainer) for p in providers) if c is not None]
+            if found:
+                return max(found, key=lambda item: item[1])[0]
+            others = [cb for cb in self.trainer.checkpoint_callbacks if not hasattr(cb, "newest_committed")]
+            if not others:
+                rank_zero_warn(
+                    f'.{state_fn.value}(ckpt_path="last") found no committed checkpoint in the CheckpointSaver'
+                    " folder; starting from scratch."
+                )
+                return None
+        return original(self, state_fn, ckpt_path, *args, **kwargs)
+
+    parse._lightning_ckpt = True  # type: ignore[attr-defined]
+    _CheckpointConnector._parse_ckpt_path = parse  # type: ignore[method-assign]

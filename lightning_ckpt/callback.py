@@ -1,0 +1,270 @@
+"""``CheckpointSaver``: when to save, what to name it, what to keep (policy only).
+
+The mechanics (bytes, commit, pointers) live in :mod:`lightning_ckpt.checkpoint`; the Lightning
+internals in :mod:`lightning_ckpt._lightning`; names in :mod:`lightning_ckpt.layout`; schedules
+in :mod:`lightning_ckpt.interval`; retention in :mod:`lightning_ckpt.policies`.
+
+Example:
+    >>> import lightning as L
+    >>> saver = CheckpointSaver(folder="/tmp/ckpts/{run_name}", run_name="demo", save_interval="100ba",
+    ...                         num_checkpoints_to_keep=3)
+    >>> trainer = L.Trainer(callbacks=[saver], logger=False, enable_progress_bar=False)
+    >>> saver.filename.pattern, saver.save_interval
+    ('ep{epoch}-ba{batch}', EveryNBatches(100))
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
+from typing_extensions import override
+
+from lightning_ckpt import _lightning, layout
+from lightning_ckpt.checkpoint import save_checkpoint_dir
+from lightning_ckpt.discovery import list_committed
+from lightning_ckpt.errors import ConfigError, FolderConflictError
+from lightning_ckpt.interval import Event, SavePoint, SaveSchedule, parse_save_interval
+from lightning_ckpt.layout import NameFormat
+from lightning_ckpt.plugin import ShardedCheckpointIO
+from lightning_ckpt.policies import CheckpointRecord, build_retention_policy
+from lightning_ckpt.rotation import METRIC_KEY, rotate, scan_records
+from lightning_ckpt.storage import Storage
+from lightning_ckpt.tree import drop_paths
+
+__all__ = ["CheckpointSaver"]
+
+log = logging.getLogger("lightning_ckpt")
+
+IgnoreKeys = Sequence[str] | Callable[[dict[str, Any]], None] | None
+
+
+def _check_bool(argument: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(argument, value, "True or False")
+    return value
+
+
+def _check_ignore_keys(value: object) -> IgnoreKeys:
+    if value is None or callable(value):
+        return value  # type: ignore[return-value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return list(value)
+    raise ConfigError(
+        "ignore_keys", value, "['state_dict/head.*', 'optimizer_states'] or a callable that edits the checkpoint dict"
+    )
+
+
+class CheckpointSaver(Checkpoint):
+    """Save checkpoints on a schedule, name them from format strings, keep the ones that matter.
+
+    Args:
+        folder: where checkpoints go; a path (or, in a later release, an fsspec URL). May use the
+            dist variables and ``{run_name}`` (see :mod:`lightning_ckpt.layout`). Default:
+            ``<default_root_dir>/checkpoints/{run_name}``, which is the same on every restart of
+            the same command, so ``ckpt_path="last"`` finds it.
+        filename: the name of one checkpoint directory, e.g. ``"ep{epoch}-ba{batch}"`` or
+            ``"step{batch:06d}-loss{val_loss:.3f}"``.
+        latest_filename: name of the ``latest`` symlink (and ``<name>.symlink`` pointer file);
+            ``None`` disables both.
+        save_interval: ``"1ep"``, ``"500ba"``, ``"30min"``, an int (epochs), a ``timedelta``, or a
+            callable ``(trainer, event) -> bool``.
+        overwrite: allow a folder that already has checkpoints newer than the point training
+            starts (or resumes) from. With ``False`` such a run is refused before training.
+        num_checkpoints_to_keep: keep this many newest checkpoints (``-1``: all).
+        keep_every_n_steps: additionally keep forever every checkpoint whose step is a multiple.
+        monitor: a logged metric; with ``num_best_to_keep`` keeps the best checkpoints by it.
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is better.
+        num_best_to_keep: keep this many best checkpoints by ``monitor`` (default 1 if ``monitor`` is set).
+        weights_only: save only the model weights and loop state (no optimizer, no callbacks).
+        ignore_keys: glob paths (``/``-joined) to drop from the checkpoint dict, or a callable
+            that edits the dict in place.
+        run_name: fills ``{run_name}``; default: derived from the command line and directory.
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str] | None = None,
+        filename: str = layout.DEFAULT_FILENAME,
+        latest_filename: str | None = layout.DEFAULT_LATEST_FILENAME,
+        save_interval: Any = "1ep",
+        *,
+        overwrite: bool = False,
+        num_checkpoints_to_keep: int = -1,
+        keep_every_n_steps: int | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        num_best_to_keep: int | None = None,
+        weights_only: bool = False,
+        ignore_keys: IgnoreKeys = None,
+        run_name: str | None = None,
+    ) -> None:
+        if folder is not None and not isinstance(folder, (str, os.PathLike)):
+            raise ConfigError("folder", folder, "'/data/runs/{run_name}/checkpoints'")
+        folder_text = os.fspath(folder) if folder is not None else None
+        self.folder = (
+            NameFormat(folder_text, argument="folder", allow_progress=False, allow_metrics=False)
+            if folder_text is not None
+            else None
+        )
+        self.filename = NameFormat(filename, argument="filename")
+        if "/" in filename or "\\" in filename:
+            raise ConfigError("filename", filename, "'ep{epoch}-ba{batch}'", "one checkpoint is one directory in folder")
+        if latest_filename is not None and not layout.is_plain_name(latest_filename):
+            raise ConfigError("latest_filename", latest_filename, "'latest' or None")
+        self.latest_filename = latest_filename
+        self.save_interval: SaveSchedule = parse_save_interval(save_interval)
+        self.overwrite = _check_bool("overwrite", overwrite)
+        self.weights_only = _check_bool("weights_only", weights_only)
+        self.ignore_keys = _check_ignore_keys(ignore_keys)
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ConfigError("monitor", monitor, "'val_loss'")
+        if num_best_to_keep not in (None, 0) and monitor is None:
+            raise ConfigError("num_best_to_keep", num_best_to_keep, "0, or set monitor='val_loss'", "it needs monitor")
+        best = (1 if monitor else 0) if num_best_to_keep is None else num_best_to_keep
+        self.retention = build_retention_policy(
+            num_checkpoints_to_keep=num_checkpoints_to_keep, keep_every_n_steps=keep_every_n_steps, keep_best=best, mode=mode
+        )
+        self.monitor = monitor
+        self.mode = mode
+        self._best_k = best
+        if run_name is not None and (not isinstance(run_name, str) or not layout.is_plain_name(run_name)):
+            raise ConfigError("run_name", run_name, "'llama-ft-7'")
+        self.run_name = run_name or _lightning.default_run_name()
+        self._records: list[CheckpointRecord] = []
+        self._last_saved_step: int | None = None
+        self._resumed_from: str | None = None
+        self._io: ShardedCheckpointIO | None = None
+        _lightning.install_last_resolver()
+
+    # -- where -----------------------------------------------------------------------------------
+    def folder_path(self, trainer: Trainer) -> str:
+        """This rank's checkpoint folder, with every variable filled in."""
+        if self.folder is None:
+            return os.path.join(trainer.default_root_dir, "checkpoints", self.run_name)
+        return self.folder.render(run_name=self.run_name, rank=_lightning.rank_info(trainer))
+
+    def _storage(self, trainer: Trainer) -> tuple[Storage, str]:
+        return Storage.open(self.folder_path(trainer))
+
+    def newest_committed(self, trainer: Trainer) -> tuple[str, float] | None:
+        """``(path, commit time)`` of the newest committed checkpoint of this saver, or ``None``."""
+        storage, folder = self._storage(trainer)
+        if storage.isfile(folder):
+            raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
+        mine = [(n, m) for n, m in list_committed(storage, folder) if self.filename.parse(n) is not None]
+        if not mine:
+            return None
+        name, manifest = mine[-1]
+        return storage.url(storage.join(folder, name)), manifest.created
+
+    @property
+    def best_model_path(self) -> str:
+        """Path of the best checkpoint by ``monitor`` (``""`` without one), for ``ckpt_path="best"``."""
+        scored = [r for r in self._records if r.metric is not None]
+        if not scored or self._folder is None:
+            return ""
+        pick = min if self.mode == "min" else max
+        return os.path.join(self._folder, pick(scored, key=lambda r: r.metric or 0.0).name)
+
+    _folder: str | None = None
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        storage, folder = self._storage(trainer)
+        if storage.isfile(folder):
+            raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
+        self._folder = folder
+        self._io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        storage, folder = self._storage(trainer)
+        self._records = scan_records(storage, folder, self.filename)
+        self._resumed_from = os.path.basename(os.path.normpath(str(trainer.ckpt_path))) if trainer.ckpt_path else None
+        start = _lightning.resume_step(trainer)
+        newer = [r.name for r in self._records if r.step > start]
+        if newer and not self.overwrite:
+            raise FolderConflictError(
+                f"folder {storage.url(folder)!r} already holds checkpoints newer than step {start}"
+                f" ({', '.join(newer[:5])}). Resume with trainer.fit(..., ckpt_path='last'), pass"
+                " CheckpointSaver(overwrite=True) to save over them, or choose another folder."
+            )
+        self.save_interval.start(time.monotonic())
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._maybe_save(trainer, Event.BATCH_END)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._maybe_save(trainer, Event.EPOCH_END)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "saved": [r.__dict__.copy() for r in self._records],
+            "last_saved_step": self._last_saved_step,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._records = [CheckpointRecord(**r) for r in state_dict.get("saved", [])]
+        self._last_saved_step = state_dict.get("last_saved_step")
+
+    # -- saving ----------------------------------------------------------------------------------
+    def _maybe_save(self, trainer: Trainer, event: Event) -> None:
+        step = trainer.global_step
+        if step == self._last_saved_step or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        point = SavePoint(event=event, epoch=trainer.current_epoch, batch=step)
+        now = time.monotonic()
+        if self.save_interval.is_due(point, trainer, now):
+            self.save(trainer)
+            self.save_interval.mark_saved(point, now)
+
+    def save(self, trainer: Trainer) -> str:
+        """Save a checkpoint now, move ``latest``, and rotate; returns the committed path."""
+        storage, folder = self._storage(trainer)
+        progress = _lightning.progress(trainer)
+        name = self.filename.render(run_name=self.run_name, rank=_lightning.rank_info(trainer), progress=progress)
+        if not self.overwrite and any(r.name == name for r in self._records):
+            raise FolderConflictError(
+                f"{storage.url(storage.join(folder, name))} already exists; pass CheckpointSaver(overwrite=True)"
+                " or a filename that includes {batch}"
+            )
+        metric = progress.metrics.get(self.monitor) if self.monitor else None
+        record = CheckpointRecord(name=name, epoch=progress.epoch, step=progress.batch, metric=metric)
+        self._records = [r for r in self._records if r.name != name] + [record]
+        self._last_saved_step = progress.batch
+        checkpoint = _lightning.dump_checkpoint(trainer, self.weights_only)
+        if callable(self.ignore_keys):
+            self.ignore_keys(checkpoint)
+        elif self.ignore_keys:
+            drop_paths(checkpoint, self.ignore_keys)
+        path = save_checkpoint_dir(
+            checkpoint,
+            storage.join(folder, name),
+            latest_filename=self.latest_filename,
+            metadata={METRIC_KEY: metric} if metric is not None else {},
+        )
+        log.info("Saved checkpoint %s (epoch %d, step %d)", path, progress.epoch, progress.batch)
+        protected = {self._resumed_from} if self._resumed_from else set()
+        rotate(storage, folder, self._records, self.retention, protected=protected)
+        return path
+
+    @property
+    def saved_checkpoints(self) -> list[str]:
+        """Names of the checkpoints this saver currently keeps, oldest first."""
+        return [r.name for r in self._records]
+
+    def __repr__(self) -> str:
+        folder = self.folder.pattern if self.folder else "<default_root_dir>/checkpoints/{run_name}"
+        return f"CheckpointSaver(folder={folder!r}, filename={self.filename.pattern!r}, save_interval={self.save_interval!r})"
+

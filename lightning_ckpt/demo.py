@@ -1,0 +1,181 @@
+"""A short demo: train, get killed mid-run, resume with ``ckpt_path="last"``, compare.
+
+Run it with ``python -m lightning_ckpt.demo``. It trains a tiny regressor on the CPU three times:
+
+1. a worker process saves a checkpoint every 4 steps and is killed with SIGKILL at step 10;
+2. a new process resumes it with ``trainer.fit(model, ckpt_path="last")`` and finishes;
+3. an uninterrupted run of the same length, for comparison.
+
+It prints what was on disk after the kill and whether the resumed weights equal the
+uninterrupted ones bit for bit. The model and data here are also what the test suite trains.
+
+Example:
+    >>> model = TinyRegressor()
+    >>> sum(p.numel() for p in model.parameters())
+    577
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+__all__ = ["EpochShuffleSampler", "KillAtStep", "TinyRegressor", "build_trainer", "main", "state_of"]
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a seed derived from the epoch, so a resumed run sees the same order.
+
+    Example:
+        >>> s = EpochShuffleSampler(4, seed=0); s.set_epoch(1)
+        >>> sorted(s) == [0, 1, 2, 3]
+        True
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class TinyRegressor(L.LightningModule):
+    """A 577-parameter MLP trained with Adam on a fixed synthetic data set."""
+
+    def __init__(self, width: int = 32, lr: float = 1e-2, samples: int = 64, batch_size: int = 8) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss, prog_bar=False)
+        return loss
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_loss", torch.nn.functional.mse_loss(self(x), y))
+
+    def predict_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+
+    def _data(self, seed: int) -> TensorDataset:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(self.hparams["samples"], 16, generator=g)
+        return TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        data = self._data(1)
+        return DataLoader(data, batch_size=self.hparams["batch_size"], sampler=EpochShuffleSampler(len(data)))
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(self._data(2), batch_size=self.hparams["batch_size"])
+
+    test_dataloader = val_dataloader
+    predict_dataloader = val_dataloader
+
+
+class KillAtStep(L.Callback):
+    """Kills its own process with SIGKILL once ``trainer.global_step`` reaches ``step`` (for tests)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_trainer(root: str, *, max_epochs: int = 3, callbacks: Sequence[L.Callback] = (), **kwargs: Any) -> L.Trainer:
+    """A quiet, deterministic CPU trainer rooted at ``root``."""
+    options: dict[str, Any] = {
+        "default_root_dir": root,
+        "max_epochs": max_epochs,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "deterministic": True,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 2,
+    }
+    options.update(kwargs)
+    return L.Trainer(callbacks=list(callbacks), **options)
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of a model's weights, to compare runs."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run(folder: str, *, kill_at: int | None, resume: bool) -> TinyRegressor:
+    from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO
+
+    L.seed_everything(0, verbose=False)
+    saver = CheckpointSaver(folder=folder, save_interval="4ba", num_checkpoints_to_keep=2, run_name="demo")
+    callbacks: list[L.Callback] = [saver] + ([KillAtStep(kill_at)] if kill_at else [])
+    trainer = build_trainer(folder, callbacks=callbacks, plugins=[ShardedCheckpointIO()])
+    model = TinyRegressor()
+    trainer.fit(model, ckpt_path="last" if resume else None)
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; with ``--worker`` run one training process (used by the demo itself)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", default=None)
+    parser.add_argument("--kill-at", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.worker:
+        _run(args.folder, kill_at=args.kill_at, resume=True)
+        return 0
+    from lightning_ckpt import latest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "run")
+        cmd = [sys.executable, "-m", "lightning_ckpt.demo", "--worker", "--folder", folder, "--kill-at", "10"]
+        killed = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        print(f"1. training process killed at step 10 (exit code {killed.returncode})")
+        print(f"   on disk: {sorted(os.listdir(folder))}")
+        print(f"   newest committed checkpoint: {os.path.basename(latest(folder) or 'none')}")
+        resumed = _run(folder, kill_at=None, resume=True)
+        print(f"2. resumed with ckpt_path='last' and finished; kept: {sorted(os.listdir(folder))}")
+        fresh = _run(os.path.join(tmp, "fresh"), kill_at=None, resume=False)
+        same = all(torch.equal(a, b) for a, b in zip(state_of(resumed).values(), state_of(fresh).values()))
+        print(f"3. resumed weights equal an uninterrupted run bit for bit: {same}")
+        return 0 if same and killed.returncode == -signal.SIGKILL else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

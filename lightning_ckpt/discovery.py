@@ -1,0 +1,134 @@
+"""Finding checkpoints: what a ``ckpt_path`` means, and which checkpoint of a folder is the newest.
+
+A ``ckpt_path`` may be:
+
+=============================  ====================================================================
+checkpoint directory           ``/runs/a/ep3-ba1500`` (has ``manifest.json``)
+folder of checkpoints          ``/runs/a`` → its newest *committed* checkpoint
+``latest`` symlink             ``/runs/a/latest`` → the checkpoint it links to
+pointer file                   ``/runs/a/latest.symlink`` (or ``.../latest`` where only the pointer exists)
+legacy single file             ``/runs/old/epoch=2.ckpt`` written by ``torch.save``
+=============================  ====================================================================
+
+"Newest" means most recently committed (manifest ``created`` time, then global step), so a run
+that resumed from an earlier checkpoint with ``overwrite=True`` continues from its own saves.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from lightning_ckpt.checkpoint import save_checkpoint_dir
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = save_checkpoint_dir({"w": torch.ones(1), "global_step": 1}, os.path.join(folder, "a"))
+    >>> _ = save_checkpoint_dir({"w": torch.ones(1), "global_step": 2}, os.path.join(folder, "b"))
+    >>> os.path.basename(latest(folder))
+    'b'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning_ckpt import layout
+from lightning_ckpt.commit import read_pointer
+from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from lightning_ckpt.manifest import Manifest
+from lightning_ckpt.reader import read_manifest, verify_files
+from lightning_ckpt.storage import Storage
+
+__all__ = ["Resolved", "latest", "list_committed", "resolve"]
+
+log = logging.getLogger("lightning_ckpt")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A resolved ``ckpt_path``: a committed checkpoint directory or a legacy single file."""
+
+    storage: Storage
+    path: str
+    kind: Literal["dir", "file"]
+
+    @property
+    def url(self) -> str:
+        return self.storage.url(self.path)
+
+
+def list_committed(storage: Storage, folder: str) -> list[tuple[str, Manifest]]:
+    """Committed checkpoints directly inside ``folder``, oldest first; incomplete ones are skipped."""
+    found: list[tuple[str, Manifest]] = []
+    for name in storage.listdir(folder):
+        if layout.is_hidden_name(name) or name.endswith(layout.POINTER_SUFFIX):
+            continue
+        path = storage.join(folder, name)
+        if (storage.is_local and os.path.islink(path)) or not storage.exists(storage.join(path, layout.MANIFEST_FILENAME)):
+            continue
+        try:
+            manifest = read_manifest(storage, path)
+            verify_files(storage, path, manifest, checksums=False)
+        except CheckpointError as err:
+            log.warning("Skipping checkpoint that does not verify: %s", err)
+            continue
+        found.append((name, manifest))
+    found.sort(key=lambda item: (item[1].created, item[1].global_step))
+    return found
+
+
+def latest(folder: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The newest committed checkpoint in ``folder`` (a path or URL), or ``None`` if there is none.
+
+    Example:
+        >>> import tempfile
+        >>> latest(tempfile.mkdtemp()) is None
+        True
+    """
+    storage, root = Storage.open(folder, storage_options)
+    if storage.isfile(root):
+        raise NotADirectoryError(f"folder={os.fspath(folder)!r} is a file; pass the folder that holds checkpoints")
+    committed = list_committed(storage, root)
+    return storage.url(storage.join(root, committed[-1][0])) if committed else None
+
+
+def _follow_pointer(storage: Storage, pointer: str) -> str:
+    name = read_pointer(storage, pointer)
+    target = storage.join(storage.dirname(pointer), name)
+    if not storage.exists(storage.join(target, layout.MANIFEST_FILENAME)):
+        raise CorruptCheckpointError(
+            f"{storage.url(pointer)} names checkpoint {name!r}, but {storage.url(target)} is not a committed checkpoint"
+        )
+    return target
+
+
+def resolve(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Resolved:
+    """Turn any accepted ``ckpt_path`` into a committed checkpoint directory or a legacy file."""
+    storage, target = Storage.open(path, storage_options)
+    if storage.is_local and os.path.islink(target):
+        real = os.path.realpath(target)
+        if not os.path.exists(real):
+            raise CorruptCheckpointError(f"{target} links to {real}, which does not exist")
+        target = real
+    if storage.isdir(target):
+        if storage.exists(storage.join(target, layout.MANIFEST_FILENAME)):
+            return Resolved(storage, target, "dir")
+        committed = list_committed(storage, target)
+        if committed:
+            return Resolved(storage, storage.join(target, committed[-1][0]), "dir")
+        if any(layout.parse_shard_filename(n) for n in storage.listdir(target)):
+            raise CorruptCheckpointError(
+                f"{storage.url(storage.join(target, layout.MANIFEST_FILENAME))} is missing:"
+                f" {storage.url(target)} is not a committed checkpoint (its save did not finish)"
+            )
+        raise CheckpointNotFoundError(f"ckpt_path={os.fspath(path)!r}: the folder holds no committed checkpoint")
+    if storage.isfile(target):
+        if target.endswith(layout.POINTER_SUFFIX):
+            return Resolved(storage, _follow_pointer(storage, target), "dir")
+        return Resolved(storage, target, "file")
+    pointer = target + layout.POINTER_SUFFIX
+    if storage.isfile(pointer):
+        return Resolved(storage, _follow_pointer(storage, pointer), "dir")
+    raise CheckpointNotFoundError(
+        f"ckpt_path={os.fspath(path)!r} does not exist; pass a checkpoint directory, a folder of checkpoints,"
+        " a 'latest' pointer or a .ckpt file"
+    )

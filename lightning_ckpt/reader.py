@@ -1,0 +1,210 @@
+"""Read one committed checkpoint: its manifest, verified files, tensors and non-tensor objects.
+
+Local shards are memory-mapped (``torch.UntypedStorage.from_file``, private mapping): tensors are
+views into the page cache, so loading allocates no second full-size copy and the model's
+``load_state_dict`` copies straight from the mapping. Remote shards are read into one buffer each.
+
+Verification: sizes always; CRC32 checksums unless ``verify_checksums=False``. Every failure is
+a :class:`~lightning_ckpt.errors.CorruptCheckpointError` naming the file and what was expected.
+
+Example:
+    >>> import tempfile, torch, os
+    >>> from lightning_ckpt.checkpoint import save_checkpoint_dir
+    >>> folder = tempfile.mkdtemp()
+    >>> path = save_checkpoint_dir({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, os.path.join(folder, "c"))
+    >>> read_checkpoint(path)["state_dict"]["w"]
+    tensor([1., 1., 1.])
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lightning_ckpt import layout
+from lightning_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from lightning_ckpt.manifest import FileEntry, Manifest
+from lightning_ckpt.storage import Storage
+from lightning_ckpt.tree import merge_tensors
+
+__all__ = ["MapLocation", "load_checkpoint_dir", "read_checkpoint", "read_manifest", "verify_files"]
+
+MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
+_VERIFY_CHUNK = 64 * 1024 * 1024
+
+
+def read_manifest(storage: Storage, ckpt_dir: str) -> Manifest:
+    """Read and validate the manifest of ``ckpt_dir``; raise if it is missing or damaged."""
+    path = storage.join(ckpt_dir, layout.MANIFEST_FILENAME)
+    if not storage.exists(path):
+        if storage.isdir(ckpt_dir):
+            raise CorruptCheckpointError(
+                f"{storage.url(path)} is missing: {storage.url(ckpt_dir)} is not a committed checkpoint"
+                " (its save did not finish)"
+            )
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.url(ckpt_dir)}")
+    return Manifest.from_json(storage.read_bytes(path), source=storage.url(path))
+
+
+def _check_size(storage: Storage, ckpt_dir: str, entry: FileEntry) -> None:
+    path = storage.join(ckpt_dir, entry.name)
+    if not storage.exists(path):
+        raise CorruptCheckpointError(f"{storage.url(path)} is missing (the manifest lists {entry.size} bytes)")
+    found = storage.size(path)
+    if found != entry.size:
+        raise CorruptCheckpointError(f"{storage.url(path)} has {found} bytes, expected {entry.size} (truncated or damaged)")
+
+
+def _crc_of_view(view: memoryview) -> str:
+    crc = 0
+    for start in range(0, len(view), _VERIFY_CHUNK):
+        crc = zlib.crc32(view[start : start + _VERIFY_CHUNK], crc)
+    return f"crc32:{crc:08x}"
+
+
+def _check_checksum(storage: Storage, ckpt_dir: str, entry: FileEntry, data: memoryview) -> None:
+    found = _crc_of_view(data)
+    if found != entry.checksum:
+        raise CorruptCheckpointError(
+            f"{storage.url(storage.join(ckpt_dir, entry.name))}: checksum {found}, expected {entry.checksum}"
+            " (the file was modified or damaged)"
+        )
+
+
+def verify_files(storage: Storage, ckpt_dir: str, manifest: Manifest, *, checksums: bool = True) -> None:
+    """Check every listed file's size (and checksum) without loading tensors."""
+    for entry in manifest.files:
+        _check_size(storage, ckpt_dir, entry)
+        if checksums:
+            data = _read_file(storage, ckpt_dir, entry)
+            _check_checksum(storage, ckpt_dir, entry, _byte_view(data))
+
+
+def _read_file(storage: Storage, ckpt_dir: str, entry: FileEntry) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor: memory-mapped locally, one read remotely."""
+    path = storage.join(ckpt_dir, entry.name)
+    if entry.size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if storage.is_local:
+        mapped = torch.UntypedStorage.from_file(path, shared=False, nbytes=entry.size)
+        return torch.empty(0, dtype=torch.uint8).set_(mapped)
+    buffer = torch.empty(entry.size, dtype=torch.uint8)
+    view = memoryview(buffer.numpy()).cast("B")
+    with storage.open_read(path) as f:
+        filled = 0
+        while filled < entry.size:
+            n = f.readinto(view[filled:])  # type: ignore[attr-defined]
+            if not n:
+                break
+            filled += n
+    if filled != entry.size:
+        raise CorruptCheckpointError(f"{storage.url(path)} has {filled} bytes, expected {entry.size}")
+    return buffer
+
+
+def _byte_view(data: torch.Tensor) -> memoryview:
+    return memoryview(data.numpy()).cast("B") if data.numel() else memoryview(b"")
+
+
+def _tensor_from(file_bytes: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int) -> torch.Tensor:
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    if offset % itemsize == 0:
+        return torch.empty(0, dtype=dtype).set_(file_bytes.untyped_storage(), offset // itemsize, shape)
+    return file_bytes[offset : offset + nbytes].clone().view(dtype).reshape(shape)
+
+
+def _apply_map_location(tensor: torch.Tensor, saved_device: str, map_location: MapLocation) -> torch.Tensor:
+    if map_location is None:
+        return tensor
+    if isinstance(map_location, (str, torch.device)):
+        return tensor.to(map_location)
+    if isinstance(map_location, dict):
+        target = map_location.get(saved_device, saved_device)
+        return tensor if target == "cpu" else tensor.to(target)
+    moved = map_location(tensor.untyped_storage(), "cpu")
+    if isinstance(moved, torch.UntypedStorage) and moved.device != tensor.device:
+        return tensor.to(moved.device)
+    return tensor
+
+
+def load_checkpoint_dir(
+    storage: Storage,
+    ckpt_dir: str,
+    *,
+    map_location: MapLocation = None,
+    weights_only: bool | None = None,
+    verify_checksums: bool = True,
+) -> dict[str, Any]:
+    """Load the committed checkpoint at ``ckpt_dir`` into the dict that was saved.
+
+    Args:
+        storage: the storage holding it.
+        ckpt_dir: the checkpoint directory.
+        map_location: like ``torch.load``'s: a device, a ``{saved: target}`` dict or a callable.
+            ``None`` keeps tensors on the CPU, where Lightning copies them into the model.
+        weights_only: read ``objects.pt`` with ``torch.load(weights_only=...)``; ``None`` means ``True``.
+        verify_checksums: compare each file's CRC32 with the manifest.
+    """
+    manifest = read_manifest(storage, ckpt_dir)
+    for entry in manifest.files:
+        _check_size(storage, ckpt_dir, entry)
+    file_bytes: dict[str, torch.Tensor] = {}
+    for entry in manifest.files:
+        data = _read_file(storage, ckpt_dir, entry)
+        if verify_checksums:
+            _check_checksum(storage, ckpt_dir, entry, _byte_view(data))
+        file_bytes[entry.name] = data
+    tensors: dict[str, torch.Tensor] = {}
+    for t in manifest.tensors.values():
+        dtype = getattr(torch, t.dtype)
+        tensor = _tensor_from(file_bytes[t.file], dtype, t.shape, t.offset, t.nbytes)
+        tensors[t.key] = _apply_map_location(tensor, t.device, map_location)
+    skeleton: Any = {}
+    if manifest.objects_file is not None:
+        skeleton = _load_objects(storage, ckpt_dir, manifest.objects_file, file_bytes, map_location, weights_only)
+
+    def missing(key: str) -> Any:
+        raise CorruptCheckpointError(f"{storage.url(ckpt_dir)}: tensor {key!r} is referenced but not in the manifest")
+
+    result = merge_tensors(skeleton, tensors, on_missing=missing)
+    if not isinstance(result, dict):
+        raise CorruptCheckpointError(f"{storage.url(ckpt_dir)}: expected a dict checkpoint, found {type(result).__name__}")
+    return result
+
+
+def _load_objects(
+    storage: Storage,
+    ckpt_dir: str,
+    name: str,
+    file_bytes: dict[str, torch.Tensor],
+    map_location: MapLocation,
+    weights_only: bool | None,
+) -> Any:
+    raw = io.BytesIO(_byte_view(file_bytes[name]).tobytes())
+    safe = True if weights_only is None else weights_only
+    location = map_location if map_location is not None else "cpu"
+    try:
+        return torch.load(raw, map_location=location, weights_only=safe)  # type: ignore[arg-type]
+    except pickle.UnpicklingError as err:
+        if not safe:
+            raise CorruptCheckpointError(f"{storage.url(storage.join(ckpt_dir, name))}: cannot unpickle ({err})") from err
+        raise pickle.UnpicklingError(
+            f"{storage.url(storage.join(ckpt_dir, name))} holds objects that weights_only=True refuses to load"
+            f" ({str(err).splitlines()[0]}). If you trust this checkpoint, load it with weights_only=False,"
+            " e.g. trainer.fit(model, ckpt_path=..., weights_only=False)."
+        ) from err
+
+
+def read_checkpoint(
+    path: str, *, map_location: MapLocation = None, weights_only: bool | None = None, storage_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint directory given as a path or URL (see :func:`lightning_ckpt.load` for resolution)."""
+    storage, ckpt_dir = Storage.open(path, storage_options)
+    return load_checkpoint_dir(storage, ckpt_dir, map_location=map_location, weights_only=weights_only)

@@ -1,0 +1,79 @@
+"""Which checkpoints a saver owns on storage, and deleting the ones its retention policy drops.
+
+Only committed checkpoints directly inside the saver's folder *whose names match its filename
+format* are ever considered, so another saver (or another run) sharing the folder is never
+touched. The newest checkpoint and the one training resumed from are always protected.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from lightning_ckpt.checkpoint import save_checkpoint_dir
+    >>> from lightning_ckpt.layout import NameFormat
+    >>> from lightning_ckpt.policies import KeepLatest
+    >>> from lightning_ckpt.storage import Storage
+    >>> storage, folder = Storage.open(tempfile.mkdtemp())
+    >>> for step in (1, 2, 3):
+    ...     _ = save_checkpoint_dir({"global_step": step, "w": torch.ones(1)}, os.path.join(folder, f"ba{step}"))
+    >>> records = scan_records(storage, folder, NameFormat("ba{batch}", argument="filename"))
+    >>> rotate(storage, folder, records, KeepLatest(1))
+    ['ba1', 'ba2']
+    >>> sorted(os.listdir(folder))
+    ['ba3']
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+
+from lightning_ckpt.checkpoint import remove_checkpoint_dir
+from lightning_ckpt.discovery import list_committed
+from lightning_ckpt.layout import NameFormat
+from lightning_ckpt.policies import CheckpointRecord, RetentionPolicy, plan_deletions
+from lightning_ckpt.storage import Storage
+
+__all__ = ["METRIC_KEY", "rotate", "scan_records"]
+
+log = logging.getLogger("lightning_ckpt")
+
+METRIC_KEY = "monitor_value"
+
+
+def scan_records(storage: Storage, folder: str, filename: NameFormat) -> list[CheckpointRecord]:
+    """Committed checkpoints in ``folder`` named by ``filename``, oldest first."""
+    records = []
+    for name, manifest in list_committed(storage, folder):
+        if filename.parse(name) is None:
+            continue
+        metric = manifest.metadata.get(METRIC_KEY)
+        records.append(
+            CheckpointRecord(
+                name=name,
+                epoch=manifest.epoch,
+                step=manifest.global_step,
+                metric=float(metric) if metric is not None else None,
+            )
+        )
+    return records
+
+
+def rotate(
+    storage: Storage,
+    folder: str,
+    records: list[CheckpointRecord],
+    policy: RetentionPolicy,
+    *,
+    protected: Collection[str] = (),
+) -> list[str]:
+    """Delete what ``policy`` drops (never the newest or ``protected``); return the deleted names.
+
+    ``records`` is updated in place to list only what remains.
+    """
+    keep_always = set(protected)
+    if records:
+        keep_always.add(records[-1].name)
+    doomed = plan_deletions(records, policy, protected=keep_always)
+    for name in doomed:
+        log.info("Removing old checkpoint %s", storage.url(storage.join(folder, name)))
+        remove_checkpoint_dir(storage, storage.join(folder, name))
+    records[:] = [r for r in records if r.name not in set(doomed)]
+    return doomed

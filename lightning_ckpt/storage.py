@@ -1,0 +1,275 @@
+"""Where checkpoints live: local disk (fast path, atomic renames) or any fsspec filesystem.
+
+This is the only module that imports ``fsspec``. A :class:`Storage` wraps one filesystem; paths
+handed to its methods are absolute paths on that filesystem (for local disk, ordinary paths).
+
+Local writes are atomic: data goes to a hidden temporary name, is fsynced, renamed into place,
+and the directory is fsynced so the rename itself survives a power cut. Object stores have no
+rename; there a file is visible only once its upload completes, and the manifest written last
+is the commit (see :mod:`lightning_ckpt.commit`).
+
+Example:
+    >>> import tempfile, os
+    >>> storage, root = Storage.open(tempfile.mkdtemp())
+    >>> storage.write_bytes_atomic(storage.join(root, "hello.txt"), b"hi")
+    >>> storage.read_bytes(storage.join(root, "hello.txt"))
+    b'hi'
+    >>> storage.is_local
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from lightning_ckpt import layout
+
+__all__ = ["Storage", "fsync_dir", "is_url"]
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def is_url(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` names a non-local fsspec location (``s3://``, ``memory://``, ...).
+
+    Example:
+        >>> is_url("s3://bucket/x"), is_url("/tmp/x"), is_url("file:///tmp/x")
+        (True, False, False)
+    """
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def fsync_dir(path: str) -> None:
+    """Fsync a local directory so that renames and creations inside it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange_dirs(a: str, b: str) -> bool:
+    """Atomically swap two local paths with ``renameat2(RENAME_EXCHANGE)``; False when unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+class Storage:
+    """One filesystem: local disk or any fsspec protocol.
+
+    Use :meth:`Storage.open` to get a storage and the root path for a path or URL.
+
+    Args:
+        fs: the fsspec filesystem.
+        protocol: the URL protocol (``"file"`` for local disk).
+    """
+
+    def __init__(self, fs: Any, protocol: str) -> None:
+        self.fs = fs
+        self.protocol = protocol
+        self.is_local = isinstance(fs, LocalFileSystem)
+
+    @classmethod
+    def open(
+        cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    ) -> tuple[Storage, str]:
+        """Return the storage for ``url`` and the path inside it.
+
+        Example:
+            >>> storage, path = Storage.open("memory://runs/a")
+            >>> storage.protocol, path
+            ('memory', '/runs/a')
+        """
+        text = os.fspath(url)
+        if not is_url(text):
+            local = text[len("file://") :] if text.startswith("file://") else text
+            return cls(LocalFileSystem(), "file"), os.path.abspath(os.path.expanduser(local))
+        fs, path = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return cls(fs, protocol), path
+
+    def __repr__(self) -> str:
+        return f"Storage(protocol={self.protocol!r})"
+
+    def url(self, path: str) -> str:
+        """The path as a user would type it: plain for local disk, ``protocol://path`` otherwise."""
+        if self.is_local:
+            return path
+        return self.fs.unstrip_protocol(path)  # type: ignore[no-any-return]
+
+    def join(self, *parts: str) -> str:
+        """Join path components with the filesystem's separator."""
+        if self.is_local:
+            return os.path.join(*parts)
+        return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1].lstrip("/")
+
+    def basename(self, path: str) -> str:
+        return path.rstrip("/").rsplit("/", 1)[-1] if not self.is_local else os.path.basename(path)
+
+    def dirname(self, path: str) -> str:
+        return os.path.dirname(path) if self.is_local else path.rstrip("/").rsplit("/", 1)[0]
+
+    # -- queries ---------------------------------------------------------------------------------
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path) if self.is_local else bool(self.fs.exists(path))
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path) if self.is_local else bool(self.fs.isdir(path))
+
+    def isfile(self, path: str) -> bool:
+        return os.path.isfile(path) if self.is_local else bool(self.fs.isfile(path))
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(path) if self.is_local else int(self.fs.size(path))
+
+    def listdir(self, path: str) -> list[str]:
+        """Names (not paths) of the entries of a directory; empty when it does not exist."""
+        if self.is_local:
+            try:
+                return sorted(os.listdir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        if not self.fs.exists(path):
+            return []
+        self.fs.invalidate_cache(path)
+        return sorted(self.basename(p) for p in self.fs.ls(path, detail=False) if p.rstrip("/") != path)
+
+    def modified(self, path: str) -> float:
+        """Modification time as a POSIX timestamp (local disk only; 0.0 where the store has none)."""
+        if self.is_local:
+            return os.stat(path).st_mtime
+        try:
+            return float(self.fs.modified(path).timestamp())
+        except (NotImplementedError, OSError, AttributeError):
+            return 0.0
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read_bytes(self, path: str) -> bytes:
+        if self.is_local:
+            with open(path, "rb") as f:
+                return f.read()
+        return bytes(self.fs.cat_file(path))
+
+    def open_read(self, path: str) -> IO[bytes]:
+        if self.is_local:
+            return open(path, "rb")
+        return self.fs.open(path, "rb")  # type: ignore[no-any-return]
+
+    # -- writing ---------------------------------------------------------------------------------
+    def makedirs(self, path: str) -> None:
+        if self.is_local:
+            os.makedirs(path, exist_ok=True)
+        else:
+            self.fs.makedirs(path, exist_ok=True)
+
+    def open_write(self, path: str) -> IO[bytes]:
+        """Open a new file for writing (remote stores only; local writers use file descriptors)."""
+        return self.fs.open(path, "wb")  # type: ignore[no-any-return]
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        """Write a small file so that readers see either nothing, the old bytes, or all new bytes."""
+        if not self.is_local:
+            self.fs.pipe_file(path, data)
+            return
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, layout.temp_filename(name, uuid.uuid4().hex[:8]))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(directory)
+
+    def symlink_atomic(self, target: str, link: str) -> None:
+        """Point local symlink ``link`` at ``target`` (a relative name), replacing any old link atomically."""
+        directory, name = os.path.split(link)
+        tmp = os.path.join(directory, layout.temp_filename(name, uuid.uuid4().hex[:8]))
+        os.symlink(target, tmp)
+        try:
+            if os.path.isdir(link) and not os.path.islink(link):
+                raise IsADirectoryError(f"{link} is a directory, not the 'latest' symlink; remove or rename it")
+            os.replace(tmp, link)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        fsync_dir(directory)
+
+    def publish_dir(self, staged: str, final: str) -> str | None:
+        """Move a fully written local directory into place atomically.
+
+        When ``final`` already exists the two are exchanged atomically (``renameat2``), so a reader
+        always sees a complete checkpoint under ``final``. Returns the path now holding the old
+        contents (to be deleted by the caller), or ``None``.
+        """
+        parent = os.path.dirname(final)
+        if not os.path.lexists(final):
+            os.rename(staged, final)
+            fsync_dir(parent)
+            return None
+        if os.path.islink(final) or not os.path.isdir(final):
+            raise FileExistsError(f"{final} exists and is not a checkpoint directory; remove it or choose another name")
+        if not _exchange_dirs(staged, final):
+            old = os.path.join(parent, layout.trash_dirname(os.path.basename(final), uuid.uuid4().hex[:8]))
+            os.rename(final, old)
+            os.rename(staged, final)
+            fsync_dir(parent)
+            return old
+        fsync_dir(parent)
+        return staged
+
+    def remove_file(self, path: str) -> None:
+        if self.is_local:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        elif self.fs.exists(path):
+            self.fs.rm_file(path)
+
+    def remove_tree(self, path: str) -> None:
+        """Delete a directory tree; missing paths are fine."""
+        if self.is_local:
+            if os.path.islink(path):
+                os.unlink(path)
+            else:
+                shutil.rmtree(path, ignore_errors=False) if os.path.isdir(path) else self.remove_file(path)
+            return
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        """Names of the plain files directly inside ``path``."""
+        for name in self.listdir(path):
+            if self.isfile(self.join(path, name)):
+                yield name
