@@ -36,21 +36,28 @@ __all__ = ["EpochShuffleSampler", "KillAtStep", "TinyRegressor", "build_trainer"
 class EpochShuffleSampler(Sampler[int]):
     """Shuffles with a seed derived from the epoch, so a resumed run sees the same order.
 
+    ``skip`` samples are left out of the next pass only: that is how a run resumed from a
+    mid-epoch checkpoint continues where it stopped (Lightning restarts a plain data loader from
+    its first batch and warns that the loader is not resumable).
+
     Example:
         >>> s = EpochShuffleSampler(4, seed=0); s.set_epoch(1)
         >>> sorted(s) == [0, 1, 2, 3]
         True
+        >>> s.skip = 3; len(list(s)), len(list(s))
+        (1, 4)
     """
 
     def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=g).tolist())
+        skip, self.skip = self.skip, 0
+        return iter(torch.randperm(self.size, generator=g).tolist()[skip:])
 
     def __len__(self) -> int:
         return self.size
@@ -93,9 +100,17 @@ class TinyRegressor(L.LightningModule):
         x = torch.randn(self.hparams["samples"], 16, generator=g)
         return TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Remember how far into its epoch a mid-epoch checkpoint was, to skip those samples."""
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        done = progress.get("current", {}).get("processed", 0)
+        self._resume_skip = 0 if progress.get("is_last_batch") else done * self.hparams["batch_size"]
+
     def train_dataloader(self) -> DataLoader[Any]:
         data = self._data(1)
-        return DataLoader(data, batch_size=self.hparams["batch_size"], sampler=EpochShuffleSampler(len(data)))
+        sampler = EpochShuffleSampler(len(data))
+        sampler.skip = getattr(self, "_resume_skip", 0)
+        return DataLoader(data, batch_size=self.hparams["batch_size"], sampler=sampler)
 
     def val_dataloader(self) -> DataLoader[Any]:
         return DataLoader(self._data(2), batch_size=self.hparams["batch_size"])
@@ -138,13 +153,15 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _run(folder: str, *, kill_at: int | None, resume: bool) -> TinyRegressor:
+def _run(
+    folder: str, *, kill_at: int | None, resume: bool, interval: str = "4ba", keep: int = 2, epochs: int = 3
+) -> TinyRegressor:
     from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO
 
     L.seed_everything(0, verbose=False)
-    saver = CheckpointSaver(folder=folder, save_interval="4ba", num_checkpoints_to_keep=2, run_name="demo")
+    saver = CheckpointSaver(folder=folder, save_interval=interval, num_checkpoints_to_keep=keep, run_name="demo")
     callbacks: list[L.Callback] = [saver] + ([KillAtStep(kill_at)] if kill_at else [])
-    trainer = build_trainer(folder, callbacks=callbacks, plugins=[ShardedCheckpointIO()])
+    trainer = build_trainer(folder, max_epochs=epochs, callbacks=callbacks, plugins=[ShardedCheckpointIO()])
     model = TinyRegressor()
     trainer.fit(model, ckpt_path="last" if resume else None)
     return model
@@ -156,9 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", default=None)
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--interval", default="4ba")
+    parser.add_argument("--keep", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--save-weights", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _run(args.folder, kill_at=args.kill_at, resume=True)
+        model = _run(args.folder, kill_at=args.kill_at, resume=True, interval=args.interval, keep=args.keep, epochs=args.epochs)
+        if args.save_weights:
+            torch.save(state_of(model), args.save_weights)
         return 0
     from lightning_ckpt import latest
 

@@ -278,4 +278,6 @@ def parse_save_interval(value: object, *, argument: str = "save_interval") -> Sa
         return EveryDuration(value.total_seconds())
     if callable(value) and not isinstance(value, type):
         return CallableSchedule(value)
-    raise ConfigError(argument, value, _EXAMPLE, f"A {type(value).__name__} is not an interval")
+    if isinstance(value, type):
+        raise ConfigError(argument, value, _EXAMPLE, f"Pass an instance, not the class {value.__name__}")
+    raise ConfigError(argument, value, _EXAMPLE, f"Values of type {type(value).__name__} are not accepted")

@@ -67,8 +67,6 @@ __all__ = [
     "is_hidden_name",
     "is_partial_dirname",
     "is_plain_name",
-    "is_temp_filename",
-    "is_trash_dirname",
     "parse_shard_filename",
     "partial_dirname",
     "pointer_filename",
@@ -96,8 +94,6 @@ _FLOAT_RE = r" *[-+]?(?:[0-9][0-9,_]*(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?%?|\.[0-9]
 _SHARD_RE = re.compile(r"shard-([0-9]{5,})-of-([0-9]{5,})" + re.escape(SHARD_SUFFIX))
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
 _PARTIAL_RE = re.compile(r"\..+\.partial-[A-Za-z0-9_-]+")
-_TRASH_RE = re.compile(r"\..+\.trash-[A-Za-z0-9_-]+")
-_TEMP_RE = re.compile(r"\..+\.tmp-[A-Za-z0-9_-]+")
 
 
 @dataclass(frozen=True)
@@ -329,6 +325,8 @@ class NameFormat:
                 parts.append(_escape(format(values[piece.name], piece.spec)))
             else:
                 parts.append("{" + piece.name + (":" + piece.spec if piece.spec else "") + "}")
+        if not "".join(parts):
+            raise self._fail(f"It renders to an empty name with run_name={run_name!r}")
         return NameFormat(
             "".join(parts),
             argument=self._argument,
@@ -363,21 +361,16 @@ def _convert(piece: _Field, text: str) -> int | float | str | None:
     return float(cleaned)
 
 
-def _check_plain(argument: str, value: object, example: str) -> None:
-    if not isinstance(value, str) or not is_plain_name(value):
-        raise ConfigError(argument, value, example, "It must be a single path component")
-
-
-def _check_token(token: object) -> None:
+def _hidden(kind: str, name: str, token: str, example: str) -> str:
+    if not is_plain_name(name):
+        raise ConfigError("name", name, example, "It must be a single path component")
     if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
         raise ConfigError("token", token, "'1f2e3d4c'", "It must be letters, digits, '_' or '-'")
+    return f".{name}.{kind}-{token}"
 
 
 def shard_filename(index: int, count: int) -> str:
-    """Name of shard ``index`` of ``count``.
-
-    Raises:
-        ConfigError: (a ``ValueError``) when ``count < 1`` or ``index`` is not in ``[0, count)``.
+    """Name of shard ``index`` of ``count``; ``ConfigError`` (a ``ValueError``) unless ``0 <= index < count``.
 
     Example:
         >>> shard_filename(0, 4)
@@ -391,21 +384,17 @@ def shard_filename(index: int, count: int) -> str:
 
 
 def parse_shard_filename(name: str) -> tuple[int, int] | None:
-    """``(index, count)`` of a shard file name, or ``None`` if ``name`` is not one.
+    """``(index, count)`` of a name made by :func:`shard_filename`, else ``None``.
 
     Example:
-        >>> parse_shard_filename("shard-00001-of-00004.safetensors")
-        (1, 4)
-        >>> parse_shard_filename("objects.pt") is None
-        True
+        >>> parse_shard_filename("shard-00001-of-00004.safetensors"), parse_shard_filename("objects.pt")
+        ((1, 4), None)
     """
     match = _SHARD_RE.fullmatch(name)
     if match is None:
         return None
     index, count = int(match.group(1)), int(match.group(2))
-    if index >= count or shard_filename(index, count) != name:
-        return None
-    return index, count
+    return (index, count) if index < count and shard_filename(index, count) == name else None
 
 
 def pointer_filename(latest_filename: str) -> str:
@@ -415,28 +404,29 @@ def pointer_filename(latest_filename: str) -> str:
         >>> pointer_filename("latest")
         'latest.symlink'
     """
-    _check_plain("latest_filename", latest_filename, repr(DEFAULT_LATEST_FILENAME))
+    if not is_plain_name(latest_filename):
+        raise ConfigError(
+            "latest_filename", latest_filename, repr(DEFAULT_LATEST_FILENAME), "It must be a plain name"
+        )
     return latest_filename + POINTER_SUFFIX
 
 
 def partial_dirname(name: str, token: str) -> str:
-    """Hidden temporary directory where checkpoint ``name`` is written before it is committed.
+    """Hidden directory where checkpoint ``name`` is written before it is committed.
 
     Example:
-        >>> partial_dirname("ep1-ba4", "ab12")
-        '.ep1-ba4.partial-ab12'
+        >>> partial_dirname("ep1-ba4", "ab12"), is_partial_dirname(".ep1-ba4.partial-ab12")
+        ('.ep1-ba4.partial-ab12', True)
     """
-    _check_plain("name", name, "'ep1-ba4'")
-    _check_token(token)
-    return f".{name}.partial-{token}"
+    return _hidden("partial", name, token, "'ep1-ba4'")
 
 
 def is_partial_dirname(name: str) -> bool:
     """Whether ``name`` was made by :func:`partial_dirname`.
 
     Example:
-        >>> is_partial_dirname(".ep1-ba4.partial-ab12"), is_partial_dirname("ep1-ba4")
-        (True, False)
+        >>> is_partial_dirname("ep1-ba4")
+        False
     """
     return _PARTIAL_RE.fullmatch(name) is not None
 
@@ -448,41 +438,17 @@ def trash_dirname(name: str, token: str) -> str:
         >>> trash_dirname("ep1-ba4", "ab12")
         '.ep1-ba4.trash-ab12'
     """
-    _check_plain("name", name, "'ep1-ba4'")
-    _check_token(token)
-    return f".{name}.trash-{token}"
-
-
-def is_trash_dirname(name: str) -> bool:
-    """Whether ``name`` was made by :func:`trash_dirname`.
-
-    Example:
-        >>> is_trash_dirname(".ep1-ba4.trash-ab12"), is_trash_dirname(".ep1-ba4.partial-ab12")
-        (True, False)
-    """
-    return _TRASH_RE.fullmatch(name) is not None
+    return _hidden("trash", name, token, "'ep1-ba4'")
 
 
 def temp_filename(name: str, token: str) -> str:
-    """Hidden temporary file written and then renamed onto ``name``.
+    """Hidden temporary file that is written and then renamed onto ``name``.
 
     Example:
         >>> temp_filename("manifest.json", "ab12")
         '.manifest.json.tmp-ab12'
     """
-    _check_plain("name", name, repr(MANIFEST_FILENAME))
-    _check_token(token)
-    return f".{name}.tmp-{token}"
-
-
-def is_temp_filename(name: str) -> bool:
-    """Whether ``name`` was made by :func:`temp_filename`.
-
-    Example:
-        >>> is_temp_filename(".manifest.json.tmp-ab12"), is_temp_filename("manifest.json")
-        (True, False)
-    """
-    return _TEMP_RE.fullmatch(name) is not None
+    return _hidden("tmp", name, token, repr(MANIFEST_FILENAME))
 
 
 def is_hidden_name(name: str) -> bool:

@@ -117,7 +117,7 @@ class KeepLatest(RetentionPolicy):
     def keep(self, records: Sequence[CheckpointRecord]) -> set[str]:
         """See :meth:`RetentionPolicy.keep`."""
         ordered = _by_step(records)
-        return {record.name for record in ordered[len(ordered) - self.n :]} if self.n else set()
+        return {record.name for record in ordered[max(len(ordered) - self.n, 0) :]} if self.n else set()
 
 
 @dataclass(frozen=True)
