@@ -77,8 +77,10 @@ def progress(trainer: Trainer) -> Progress:
             metrics[key] = float(value.item())
         elif isinstance(value, (int, float)):
             metrics[key] = float(value)
-    batch_in_epoch = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-    return Progress(epoch=trainer.current_epoch, batch=trainer.global_step, batch_in_epoch=batch_in_epoch, metrics=metrics)
+    batch_in_epoch = int(getattr(trainer.fit_loop.epoch_loop.batch_progress.current, "processed", 0))
+    return Progress(
+        epoch=trainer.current_epoch, batch=trainer.global_step, batch_in_epoch=batch_in_epoch, metrics=metrics
+    )
 
 
 def resume_step(trainer: Trainer) -> int:
@@ -122,7 +124,7 @@ def default_run_name() -> str:
 
 
 def _providers(trainer: Trainer) -> list[LastCheckpointProvider]:
-    return [cb for cb in trainer.checkpoint_callbacks if hasattr(cb, "newest_committed")]  # type: ignore[misc]
+    return [cb for cb in trainer.checkpoint_callbacks if hasattr(cb, "newest_committed")]
 
 
 def install_last_resolver() -> None:

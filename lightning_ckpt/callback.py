@@ -52,11 +52,13 @@ def _check_bool(argument: str, value: object) -> bool:
 
 def _check_ignore_keys(value: object) -> IgnoreKeys:
     if value is None or callable(value):
-        return value  # type: ignore[return-value]
+        return value
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
         return list(value)
     raise ConfigError(
-        "ignore_keys", value, "['state_dict/head.*', 'optimizer_states'] or a callable that edits the checkpoint dict"
+        "ignore_keys",
+        value,
+        "['state_dict/head.*', 'optimizer_states'] or a callable that edits the checkpoint dict",
     )
 
 
@@ -114,7 +116,9 @@ class CheckpointSaver(Checkpoint):
         )
         self.filename = NameFormat(filename, argument="filename")
         if "/" in filename or "\\" in filename:
-            raise ConfigError("filename", filename, "'ep{epoch}-ba{batch}'", "one checkpoint is one directory in folder")
+            raise ConfigError(
+                "filename", filename, "'ep{epoch}-ba{batch}'", "one checkpoint is one directory in folder"
+            )
         if latest_filename is not None and not layout.is_plain_name(latest_filename):
             raise ConfigError("latest_filename", latest_filename, "'latest' or None")
         self.latest_filename = latest_filename
@@ -128,7 +132,10 @@ class CheckpointSaver(Checkpoint):
             raise ConfigError("num_best_to_keep", num_best_to_keep, "0, or set monitor='val_loss'", "it needs monitor")
         best = (1 if monitor else 0) if num_best_to_keep is None else num_best_to_keep
         self.retention = build_retention_policy(
-            num_checkpoints_to_keep=num_checkpoints_to_keep, keep_every_n_steps=keep_every_n_steps, keep_best=best, mode=mode
+            num_checkpoints_to_keep=num_checkpoints_to_keep,
+            keep_every_n_steps=keep_every_n_steps,
+            keep_best=best,
+            mode=mode,
         )
         self.monitor = monitor
         self.mode = mode
@@ -221,7 +228,7 @@ class CheckpointSaver(Checkpoint):
     # -- saving ----------------------------------------------------------------------------------
     def _maybe_save(self, trainer: Trainer, event: Event) -> None:
         step = trainer.global_step
-        if step == self._last_saved_step or trainer.sanity_checking or trainer.fast_dev_run:
+        if step == self._last_saved_step or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
         point = SavePoint(event=event, epoch=trainer.current_epoch, batch=step)
         now = time.monotonic()
@@ -266,5 +273,7 @@ class CheckpointSaver(Checkpoint):
 
     def __repr__(self) -> str:
         folder = self.folder.pattern if self.folder else "<default_root_dir>/checkpoints/{run_name}"
-        return f"CheckpointSaver(folder={folder!r}, filename={self.filename.pattern!r}, save_interval={self.save_interval!r})"
-
+        return (
+            f"CheckpointSaver(folder={folder!r}, filename={self.filename.pattern!r},"
+            f" save_interval={self.save_interval!r})"
+        )

@@ -36,7 +36,7 @@ __all__ = ["library_versions", "remove_checkpoint_dir", "save_checkpoint_dir", "
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that matter for reading a checkpoint back."""
-    versions = {"torch": torch.__version__}
+    versions: dict[str, str] = {"torch": str(torch.__version__)}
     for dist in ("lightning", "lightning-ckpt"):
         try:
             versions[dist] = importlib_metadata.version(dist)
@@ -50,7 +50,13 @@ def _to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def write_shard(
-    storage: Storage, directory: str, tensors: Mapping[str, torch.Tensor], *, index: int, count: int, rank: int
+    storage: Storage,
+    directory: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    index: int,
+    count: int,
+    rank: int,
 ) -> tuple[FileEntry, list[TensorEntry]]:
     """Write one shard file of ``tensors`` into ``directory``; return its file and tensor entries."""
     name = layout.shard_filename(index, count)

@@ -179,7 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-weights", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        model = _run(args.folder, kill_at=args.kill_at, resume=True, interval=args.interval, keep=args.keep, epochs=args.epochs)
+        model = _run(
+            args.folder,
+            kill_at=args.kill_at,
+            resume=True,
+            interval=args.interval,
+            keep=args.keep,
+            epochs=args.epochs,
+        )
         if args.save_weights:
             torch.save(state_of(model), args.save_weights)
         return 0
@@ -195,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed = _run(folder, kill_at=None, resume=True)
         print(f"2. resumed with ckpt_path='last' and finished; kept: {sorted(os.listdir(folder))}")
         fresh = _run(os.path.join(tmp, "fresh"), kill_at=None, resume=False)
-        same = all(torch.equal(a, b) for a, b in zip(state_of(resumed).values(), state_of(fresh).values()))
+        a, b = state_of(resumed), state_of(fresh)
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         print(f"3. resumed weights equal an uninterrupted run bit for bit: {same}")
         return 0 if same and killed.returncode == -signal.SIGKILL else 1
 

@@ -63,7 +63,9 @@ def list_committed(storage: Storage, folder: str) -> list[tuple[str, Manifest]]:
         if layout.is_hidden_name(name) or name.endswith(layout.POINTER_SUFFIX):
             continue
         path = storage.join(folder, name)
-        if (storage.is_local and os.path.islink(path)) or not storage.exists(storage.join(path, layout.MANIFEST_FILENAME)):
+        if (storage.is_local and os.path.islink(path)) or not storage.exists(
+            storage.join(path, layout.MANIFEST_FILENAME)
+        ):
             continue
         try:
             manifest = read_manifest(storage, path)

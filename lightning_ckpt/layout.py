@@ -154,9 +154,7 @@ class NameFormat:
         {'batch': 7, 'val_loss': 0.123}
     """
 
-    def __init__(
-        self, pattern: str, *, argument: str, allow_progress: bool = True, allow_metrics: bool = True
-    ) -> None:
+    def __init__(self, pattern: str, *, argument: str, allow_progress: bool = True, allow_metrics: bool = True) -> None:
         self._argument = argument
         self._allow_progress = allow_progress
         self._allow_metrics = allow_metrics
@@ -178,9 +176,7 @@ class NameFormat:
         try:
             parsed = list(string.Formatter().parse(pattern))
         except ValueError as err:
-            raise self._fail(
-                f"Its braces are malformed ({err}); write '{{{{' or '}}}}' for a literal brace"
-            ) from None
+            raise self._fail(f"Its braces are malformed ({err}); write '{{{{' or '}}}}' for a literal brace") from None
         pieces: list[str | _Field] = []
         for literal, name, spec, conversion in parsed:
             if literal:
@@ -210,9 +206,7 @@ class NameFormat:
         try:
             format(sample, item.spec)
         except ValueError as err:
-            raise self._fail(
-                f"The format spec ':{item.spec}' of '{{{item.name}}}' is invalid ({err})"
-            ) from None
+            raise self._fail(f"The format spec ':{item.spec}' of '{{{item.name}}}' is invalid ({err})") from None
 
     def _regex_piece(self, piece: str | _Field, index: int) -> str:
         if isinstance(piece, str):
@@ -246,15 +240,11 @@ class NameFormat:
             if missing:
                 logged = sorted(progress.metrics)
                 example = f"'ep{{epoch}}-{{{logged[0]}}}'" if logged else repr(DEFAULT_FILENAME)
-                raise self._fail(
-                    f"Metric {missing[0]!r} is not logged; the logged metrics are {logged}", example
-                )
+                raise self._fail(f"Metric {missing[0]!r} is not logged; the logged metrics are {logged}", example)
             values.update(progress.metrics)
         return values
 
-    def render(
-        self, *, run_name: str = "", rank: RankInfo = RankInfo(), progress: Progress | None = None
-    ) -> str:
+    def render(self, *, run_name: str = "", rank: RankInfo = RankInfo(), progress: Progress | None = None) -> str:
         """Fill in the pattern.
 
         Args:
@@ -405,9 +395,7 @@ def pointer_filename(latest_filename: str) -> str:
         'latest.symlink'
     """
     if not is_plain_name(latest_filename):
-        raise ConfigError(
-            "latest_filename", latest_filename, repr(DEFAULT_LATEST_FILENAME), "It must be a plain name"
-        )
+        raise ConfigError("latest_filename", latest_filename, repr(DEFAULT_LATEST_FILENAME), "It must be a plain name")
     return latest_filename + POINTER_SUFFIX
 
 

@@ -105,7 +105,9 @@ class Manifest:
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CorruptCheckpointError(f"{source}: not valid JSON ({err}); the manifest is truncated or damaged")
+            raise CorruptCheckpointError(
+                f"{source}: not valid JSON ({err}); the manifest is truncated or damaged"
+            ) from err
         if not isinstance(data, dict):
             raise CorruptCheckpointError(f"{source}: expected a JSON object, found {type(data).__name__}")
         version = data.get("format_version")
@@ -147,10 +149,11 @@ class Manifest:
         for tensor in self.tensors.values():
             if tensor.file not in names:
                 raise CorruptCheckpointError(f"{source}: tensor {tensor.key!r} names unlisted file {tensor.file!r}")
-            if tensor.offset < 0 or tensor.offset + tensor.nbytes > self.file(tensor.file).size:
+            end, size = tensor.offset + tensor.nbytes, self.file(tensor.file).size
+            if tensor.offset < 0 or end > size:
                 raise CorruptCheckpointError(
                     f"{source}: tensor {tensor.key!r} lies outside {tensor.file!r}"
-                    f" (bytes {tensor.offset}..{tensor.offset + tensor.nbytes}, file size {self.file(tensor.file).size})"
+                    f" (bytes {tensor.offset}..{end}, file size {size})"
                 )
         if self.objects_file is not None and self.objects_file not in names:
             raise CorruptCheckpointError(f"{source}: objects file {self.objects_file!r} is not listed in files")

@@ -85,7 +85,7 @@ class ShardedCheckpointIO(CheckpointIO):
                 verify_checksums=self.verify_checksums,
             )
         with resolved.storage.open_read(resolved.path) as f:
-            loaded = torch.load(f, map_location=map_location, weights_only=weights_only)  # type: ignore[arg-type]
+            loaded = torch.load(f, map_location=map_location, weights_only=weights_only)
         if not isinstance(loaded, dict):
             raise TypeError(f"{resolved.url} holds a {type(loaded).__name__}, not a Lightning checkpoint dict")
         return loaded

@@ -57,7 +57,9 @@ def _check_size(storage: Storage, ckpt_dir: str, entry: FileEntry) -> None:
         raise CorruptCheckpointError(f"{storage.url(path)} is missing (the manifest lists {entry.size} bytes)")
     found = storage.size(path)
     if found != entry.size:
-        raise CorruptCheckpointError(f"{storage.url(path)} has {found} bytes, expected {entry.size} (truncated or damaged)")
+        raise CorruptCheckpointError(
+            f"{storage.url(path)} has {found} bytes, expected {entry.size} (truncated or damaged)"
+        )
 
 
 def _crc_of_view(view: memoryview) -> str:
@@ -91,10 +93,9 @@ def _read_file(storage: Storage, ckpt_dir: str, entry: FileEntry) -> torch.Tenso
     if entry.size == 0:
         return torch.empty(0, dtype=torch.uint8)
     if storage.is_local:
-        mapped = torch.UntypedStorage.from_file(path, shared=False, nbytes=entry.size)
-        return torch.empty(0, dtype=torch.uint8).set_(mapped)
+        return torch.from_file(path, shared=False, size=entry.size, dtype=torch.uint8)
     buffer = torch.empty(entry.size, dtype=torch.uint8)
-    view = memoryview(buffer.numpy()).cast("B")
+    view = buffer.numpy().data.cast("B")
     with storage.open_read(path) as f:
         filled = 0
         while filled < entry.size:
@@ -108,15 +109,20 @@ def _read_file(storage: Storage, ckpt_dir: str, entry: FileEntry) -> torch.Tenso
 
 
 def _byte_view(data: torch.Tensor) -> memoryview:
-    return memoryview(data.numpy()).cast("B") if data.numel() else memoryview(b"")
+    return data.numpy().data.cast("B") if data.numel() else memoryview(b"")
 
 
-def _tensor_from(file_bytes: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int) -> torch.Tensor:
+def _tensor_from(
+    file_bytes: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int
+) -> torch.Tensor:
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     if offset % itemsize == 0:
-        return torch.empty(0, dtype=dtype).set_(file_bytes.untyped_storage(), offset // itemsize, shape)
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        return torch.empty(0, dtype=dtype).set_(file_bytes.untyped_storage(), offset // itemsize, shape, strides)
     return file_bytes[offset : offset + nbytes].clone().view(dtype).reshape(shape)
 
 
@@ -175,7 +181,9 @@ def load_checkpoint_dir(
 
     result = merge_tensors(skeleton, tensors, on_missing=missing)
     if not isinstance(result, dict):
-        raise CorruptCheckpointError(f"{storage.url(ckpt_dir)}: expected a dict checkpoint, found {type(result).__name__}")
+        raise CorruptCheckpointError(
+            f"{storage.url(ckpt_dir)}: expected a dict checkpoint, found {type(result).__name__}"
+        )
     return result
 
 
@@ -191,10 +199,12 @@ def _load_objects(
     safe = True if weights_only is None else weights_only
     location = map_location if map_location is not None else "cpu"
     try:
-        return torch.load(raw, map_location=location, weights_only=safe)  # type: ignore[arg-type]
+        return torch.load(raw, map_location=location, weights_only=safe)
     except pickle.UnpicklingError as err:
         if not safe:
-            raise CorruptCheckpointError(f"{storage.url(storage.join(ckpt_dir, name))}: cannot unpickle ({err})") from err
+            raise CorruptCheckpointError(
+                f"{storage.url(storage.join(ckpt_dir, name))}: cannot unpickle ({err})"
+            ) from err
         raise pickle.UnpicklingError(
             f"{storage.url(storage.join(ckpt_dir, name))} holds objects that weights_only=True refuses to load"
             f" ({str(err).splitlines()[0]}). If you trust this checkpoint, load it with weights_only=False,"
@@ -203,7 +213,11 @@ def _load_objects(
 
 
 def read_checkpoint(
-    path: str, *, map_location: MapLocation = None, weights_only: bool | None = None, storage_options: dict[str, Any] | None = None
+    path: str,
+    *,
+    map_location: MapLocation = None,
+    weights_only: bool | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load a checkpoint directory given as a path or URL (see :func:`lightning_ckpt.load` for resolution)."""
     storage, ckpt_dir = Storage.open(path, storage_options)

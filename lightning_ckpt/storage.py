@@ -94,9 +94,7 @@ class Storage:
         self.is_local = isinstance(fs, LocalFileSystem)
 
     @classmethod
-    def open(
-        cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
-    ) -> tuple[Storage, str]:
+    def open(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str]:
         """Return the storage for ``url`` and the path inside it.
 
         Example:
@@ -119,7 +117,7 @@ class Storage:
         """The path as a user would type it: plain for local disk, ``protocol://path`` otherwise."""
         if self.is_local:
             return path
-        return self.fs.unstrip_protocol(path)  # type: ignore[no-any-return]
+        return self.fs.unstrip_protocol(path)
 
     def join(self, *parts: str) -> str:
         """Join path components with the filesystem's separator."""
@@ -177,7 +175,7 @@ class Storage:
     def open_read(self, path: str) -> IO[bytes]:
         if self.is_local:
             return open(path, "rb")
-        return self.fs.open(path, "rb")  # type: ignore[no-any-return]
+        return self.fs.open(path, "rb")
 
     # -- writing ---------------------------------------------------------------------------------
     def makedirs(self, path: str) -> None:
@@ -188,7 +186,7 @@ class Storage:
 
     def open_write(self, path: str) -> IO[bytes]:
         """Open a new file for writing (remote stores only; local writers use file descriptors)."""
-        return self.fs.open(path, "wb")  # type: ignore[no-any-return]
+        return self.fs.open(path, "wb")
 
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write a small file so that readers see either nothing, the old bytes, or all new bytes."""

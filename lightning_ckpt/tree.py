@@ -109,7 +109,9 @@ def _rebuild(original: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
         return items
 
 
-def merge_tensors(skeleton: Any, tensors: Mapping[str, torch.Tensor], on_missing: Callable[[str], Any] | None = None) -> Any:
+def merge_tensors(
+    skeleton: Any, tensors: Mapping[str, torch.Tensor], on_missing: Callable[[str], Any] | None = None
+) -> Any:
     """Inverse of :func:`split_tensors`: put each tensor back where its marker stands.
 
     Args:

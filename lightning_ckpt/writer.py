@@ -36,7 +36,14 @@ import torch
 from lightning_ckpt.manifest import FileEntry, TensorEntry
 from lightning_ckpt.tree import DTYPE_TO_SAFETENSORS
 
-__all__ = ["ShardPlan", "checksum_of", "plan_shard", "tensor_bytes", "write_shard_local", "write_shard_stream"]
+__all__ = [
+    "ShardPlan",
+    "checksum_of",
+    "plan_shard",
+    "tensor_bytes",
+    "write_shard_local",
+    "write_shard_stream",
+]
 
 ALIGNMENT = 4096
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -63,7 +70,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         flat = flat.contiguous()
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def plan_shard(tensors: Mapping[str, torch.Tensor], *, file: str) -> ShardPlan:

@@ -12,14 +12,23 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_ckpt import CheckpointSaver, ConfigError, FolderConflictError, ShardedCheckpointIO, latest, read_checkpoint
+from lightning_ckpt import (
+    CheckpointSaver,
+    ConfigError,
+    FolderConflictError,
+    ShardedCheckpointIO,
+    latest,
+    read_checkpoint,
+)
 from lightning_ckpt.checkpoint import save_checkpoint_dir
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
 
 from .conftest import run_worker
 
 
-def _fit(root: Path, saver: CheckpointSaver, *, max_epochs: int = 2, ckpt_path: str | None = None, **kw: Any) -> L.Trainer:
+def _fit(
+    root: Path, saver: CheckpointSaver, *, max_epochs: int = 2, ckpt_path: str | None = None, **kw: Any
+) -> L.Trainer:
     L.seed_everything(0, verbose=False)
     trainer = build_trainer(str(root), max_epochs=max_epochs, callbacks=[saver], **kw)
     trainer.fit(TinyRegressor(), ckpt_path=ckpt_path)
@@ -27,7 +36,9 @@ def _fit(root: Path, saver: CheckpointSaver, *, max_epochs: int = 2, ckpt_path: 
 
 
 def _dirs(folder: Path) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if not (folder / n).is_symlink() and (folder / n / "manifest.json").is_file())
+    return sorted(
+        n for n in os.listdir(folder) if not (folder / n).is_symlink() and (folder / n / "manifest.json").is_file()
+    )
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -95,7 +106,10 @@ def test_rotation_continues_after_restart_and_stays_in_its_folder(tmp_path: Path
     folder = tmp_path / "c"
     save_checkpoint_dir({"w": torch.ones(1), "global_step": 1}, folder / "someone-elses")
     save_checkpoint_dir({"w": torch.ones(1), "global_step": 1}, tmp_path / "sibling" / "ep0-ba2")
-    _fit(tmp_path, CheckpointSaver(folder=folder, save_interval="2ba", num_checkpoints_to_keep=3, run_name="r", overwrite=True))
+    _fit(
+        tmp_path,
+        CheckpointSaver(folder=folder, save_interval="2ba", num_checkpoints_to_keep=3, run_name="r", overwrite=True),
+    )
     assert _dirs(folder) == ["ep1-ba12", "ep1-ba14", "ep1-ba16", "someone-elses"]
     saver = CheckpointSaver(folder=folder, save_interval="2ba", num_checkpoints_to_keep=3, run_name="r")
     _fit(tmp_path, saver, max_epochs=3, ckpt_path="last")
@@ -111,8 +125,12 @@ def test_overwrite_false_refuses_a_folder_with_newer_checkpoints_before_training
     L.seed_everything(0, verbose=False)
     model = TinyRegressor()
     initial = state_of(model)
-    trainer = build_trainer(str(tmp_path), callbacks=[CheckpointSaver(folder=folder, save_interval="1ep", run_name="r")])
-    with pytest.raises(FolderConflictError, match=r"folder '.*c' already holds checkpoints newer than step 0.*overwrite=True"):
+    trainer = build_trainer(
+        str(tmp_path), callbacks=[CheckpointSaver(folder=folder, save_interval="1ep", run_name="r")]
+    )
+    with pytest.raises(
+        FolderConflictError, match=r"folder '.*c' already holds checkpoints newer than step 0.*overwrite=True"
+    ):
         trainer.fit(model)
     assert trainer.global_step == 0 and _equal(state_of(model), initial), "no training step ran"
     assert {n: (folder / n / "manifest.json").read_bytes() for n in _dirs(folder)} == before
@@ -122,7 +140,11 @@ def test_overwrite_true_saves_over_them(tmp_path: Path) -> None:
     folder = tmp_path / "c"
     _fit(tmp_path, CheckpointSaver(folder=folder, save_interval="1ep", run_name="r"))
     old = read_checkpoint(str(folder / "ep1-ba16"))["state_dict"]
-    trainer = _fit(tmp_path, CheckpointSaver(folder=folder, save_interval="1ep", run_name="r", overwrite=True), max_epochs=2)
+    trainer = _fit(
+        tmp_path,
+        CheckpointSaver(folder=folder, save_interval="1ep", run_name="r", overwrite=True),
+        max_epochs=2,
+    )
     assert trainer.global_step == 16 and _dirs(folder) == ["ep0-ba8", "ep1-ba16"]
     assert _equal(read_checkpoint(str(folder / "ep1-ba16"))["state_dict"], old)  # same seed, same result
 
@@ -140,7 +162,9 @@ def test_resume_last_equals_uninterrupted_in_process(tmp_path: Path) -> None:
     _fit(tmp_path, CheckpointSaver(folder=tmp_path / "c", save_interval="1ep", run_name="r"), max_epochs=2)
     L.seed_everything(0, verbose=False)
     resumed = TinyRegressor()
-    trainer = build_trainer(str(tmp_path), max_epochs=3, callbacks=[CheckpointSaver(folder=tmp_path / "c", run_name="r")])
+    trainer = build_trainer(
+        str(tmp_path), max_epochs=3, callbacks=[CheckpointSaver(folder=tmp_path / "c", run_name="r")]
+    )
     trainer.fit(resumed, ckpt_path="last")
     assert trainer.global_step == 24 and trainer.current_epoch == 3
     assert _equal(state_of(resumed), state_of(full))
@@ -150,13 +174,17 @@ def test_resume_last_equals_uninterrupted_in_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("interval", "kill_at", "resumes_from"), [("3ba", 14, "ep1-ba12"), ("1ep", 19, "ep1-ba16")])
-def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, interval: str, kill_at: int, resumes_from: str) -> None:
+def test_sigkill_then_resume_equals_uninterrupted(
+    tmp_path: Path, interval: str, kill_at: int, resumes_from: str
+) -> None:
     folder = tmp_path / "run"
     killed = run_worker("--folder", str(folder), "--interval", interval, "--kill-at", str(kill_at), "--keep", "-1")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert latest(folder) == str(folder / resumes_from)
     weights = tmp_path / "resumed.pt"
-    resumed = run_worker("--folder", str(folder), "--interval", interval, "--keep", "-1", "--save-weights", str(weights))
+    resumed = run_worker(
+        "--folder", str(folder), "--interval", interval, "--keep", "-1", "--save-weights", str(weights)
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"Restoring states from the checkpoint path at {folder / resumes_from}" in resumed.stderr + resumed.stdout
     L.seed_everything(0, verbose=False)
@@ -166,14 +194,22 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path: Path, interval: str,
 
 
 def test_ignore_keys_and_weights_only_shape_the_saved_dict(tmp_path: Path) -> None:
-    _fit(tmp_path, CheckpointSaver(folder=tmp_path / "a", ignore_keys=["state_dict/net.2.*", "loops"], run_name="r"), max_epochs=1)
+    _fit(
+        tmp_path,
+        CheckpointSaver(folder=tmp_path / "a", ignore_keys=["state_dict/net.2.*", "loops"], run_name="r"),
+        max_epochs=1,
+    )
     saved = read_checkpoint(str(tmp_path / "a" / "ep0-ba8"))
     assert "loops" not in saved and set(saved["state_dict"]) == {"net.0.weight", "net.0.bias"}
 
     def drop_hparams(ckpt: dict[str, Any]) -> None:
         ckpt.pop("hyper_parameters")
 
-    _fit(tmp_path, CheckpointSaver(folder=tmp_path / "b", ignore_keys=drop_hparams, weights_only=True, run_name="r"), max_epochs=1)
+    _fit(
+        tmp_path,
+        CheckpointSaver(folder=tmp_path / "b", ignore_keys=drop_hparams, weights_only=True, run_name="r"),
+        max_epochs=1,
+    )
     saved = read_checkpoint(str(tmp_path / "b" / "ep0-ba8"))
     assert "hyper_parameters" not in saved and "optimizer_states" not in saved and "state_dict" in saved
 
@@ -184,7 +220,9 @@ def test_model_on_save_checkpoint_hook_runs(tmp_path: Path) -> None:
             checkpoint["extra"] = {"note": "from the hook", "t": torch.arange(3)}
 
     L.seed_everything(0, verbose=False)
-    build_trainer(str(tmp_path), max_epochs=1, callbacks=[CheckpointSaver(folder=tmp_path / "c", run_name="r")]).fit(Hooked())
+    build_trainer(str(tmp_path), max_epochs=1, callbacks=[CheckpointSaver(folder=tmp_path / "c", run_name="r")]).fit(
+        Hooked()
+    )
     extra = read_checkpoint(str(tmp_path / "c" / "ep0-ba8"))["extra"]
     assert extra["note"] == "from the hook" and torch.equal(extra["t"], torch.arange(3))
 

@@ -32,7 +32,12 @@ def _sample() -> dict[str, object]:
             "empty": torch.empty(0, 4),
             "transposed": torch.arange(12.0).reshape(3, 4).t(),
         },
-        "optimizer_states": [{"state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}],
+        "optimizer_states": [
+            {
+                "state": {0: {"step": torch.tensor(4.0), "exp_avg": torch.ones(3)}},
+                "param_groups": [{"lr": 0.1}],
+            }
+        ],
         "epoch": 2,
         "global_step": 40,
         "hyper_parameters": {"width": 32, "name": "x"},
@@ -50,7 +55,7 @@ def _assert_same(a: object, b: object) -> None:
             _assert_same(a[k], b[k])
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             _assert_same(x, y)
     else:
         assert a == b
@@ -111,7 +116,7 @@ def test_failed_save_over_an_existing_checkpoint_keeps_the_old_one(tmp_path: Pat
     old = save_checkpoint_dir({"w": torch.ones(3), "global_step": 1}, tmp_path / "last.ckpt")
     before = {n: (Path(old) / n).read_bytes() for n in os.listdir(old)}
     unpicklable = {"w": torch.zeros(3), "global_step": 2, "bad": lambda: None}
-    with pytest.raises(Exception, match="pickle|lambda"):
+    with pytest.raises(Exception, match=r"pickle|lambda"):
         save_checkpoint_dir(unpicklable, tmp_path / "last.ckpt")
     assert {n: (Path(old) / n).read_bytes() for n in os.listdir(old)} == before
     assert os.listdir(tmp_path) == ["last.ckpt"], "the staging directory was cleaned up"

@@ -92,10 +92,7 @@ def test_existing_schedule_is_returned_as_is() -> None:
 def test_parse_save_interval_rejects(value: object, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_save_interval(value)
-    assert (
-        str(info.value)
-        == f"save_interval={value!r} is not valid. {reason} Example of a valid value: {EXAMPLE}."
-    )
+    assert str(info.value) == f"save_interval={value!r} is not valid. {reason} Example of a valid value: {EXAMPLE}."
 
 
 def test_parse_save_interval_names_the_argument() -> None:
@@ -213,8 +210,7 @@ def test_default_hooks_are_no_ops() -> None:
         (
             EveryDuration,
             -1.0,
-            "seconds=-1.0 is not valid. It must be a positive number of seconds. "
-            "Example of a valid value: 1800.0.",
+            "seconds=-1.0 is not valid. It must be a positive number of seconds. Example of a valid value: 1800.0.",
         ),
         (
             CallableSchedule,

@@ -63,10 +63,7 @@ PROGRESS = Progress(epoch=3, batch=1200, batch_in_epoch=17, metrics={"val_loss":
     ],
 )
 def test_render(pattern: str, expected: str) -> None:
-    assert (
-        NameFormat(pattern, argument="filename").render(run_name="bert", rank=RANK, progress=PROGRESS)
-        == expected
-    )
+    assert NameFormat(pattern, argument="filename").render(run_name="bert", rank=RANK, progress=PROGRESS) == expected
 
 
 @pytest.mark.parametrize(
@@ -197,9 +194,7 @@ def test_unknown_variable_without_metrics_lists_known_variables() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "pattern", ["{run_name}/ep{epoch}", "ckpt/{batch}", "{val_loss}", "{batch_in_epoch}"]
-)
+@pytest.mark.parametrize("pattern", ["{run_name}/ep{epoch}", "ckpt/{batch}", "{val_loss}", "{batch_in_epoch}"])
 def test_folder_may_not_hold_progress_or_metrics(pattern: str) -> None:
     with pytest.raises(ConfigError) as info:
         NameFormat(pattern, argument="folder", allow_progress=False)
@@ -260,8 +255,7 @@ def test_shard_filename_roundtrip(index: int, count: int, expected: str | None) 
         (
             4,
             4,
-            "index=4 is not valid. It must be in [0, count=4). "
-            "Example of a valid value: 0 (any int in [0, 4)).",
+            "index=4 is not valid. It must be in [0, count=4). Example of a valid value: 0 (any int in [0, 4)).",
         ),
         (-1, 4, "index=-1 is not valid. It must be in [0, count=4)."),
         (True, 4, "index=True is not valid."),
@@ -293,9 +287,7 @@ def test_parse_shard_filename_rejects(name: str) -> None:
 def test_pointer_filename() -> None:
     assert layout.pointer_filename("latest") == "latest.symlink"
     assert layout.pointer_filename("latest-rank0") == "latest-rank0.symlink"
-    with pytest.raises(
-        ConfigError, match=r"^latest_filename='a/b' is not valid.*Example of a valid value: 'latest'"
-    ):
+    with pytest.raises(ConfigError, match=r"^latest_filename='a/b' is not valid.*Example of a valid value: 'latest'"):
         layout.pointer_filename("a/b")
 
 
@@ -320,8 +312,7 @@ def test_hidden_names(make: Callable[[str, str], str], expected: str, example: s
     with pytest.raises(ConfigError) as info:
         make("ep1-ba4", "a/b")
     assert str(info.value) == (
-        "token='a/b' is not valid. It must be letters, digits, '_' or '-'. "
-        "Example of a valid value: '1f2e3d4c'."
+        "token='a/b' is not valid. It must be letters, digits, '_' or '-'. Example of a valid value: '1f2e3d4c'."
     )
 
 

@@ -87,13 +87,22 @@ def test_every_ckpt_path_form_loads_for_evaluation(tmp_path: Path, form: str, st
 def test_map_location_and_weights_only_are_honoured(tmp_path: Path) -> None:
     io = ShardedCheckpointIO()
     path = tmp_path / "c"
-    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1, "obj": pickle.loads(pickle.dumps(Path("x")))}, path)
-    with pytest.raises(pickle.UnpicklingError, match=r"objects\.pt holds objects that weights_only=True refuses.*weights_only=False"):
+    io.save_checkpoint(
+        {"state_dict": {"w": torch.ones(2)}, "global_step": 1, "obj": pickle.loads(pickle.dumps(Path("x")))},
+        path,
+    )
+    with pytest.raises(
+        pickle.UnpicklingError,
+        match=r"objects\.pt holds objects that weights_only=True refuses.*weights_only=False",
+    ):
         io.load_checkpoint(path)
     loaded = io.load_checkpoint(path, map_location="meta", weights_only=False)
     assert loaded["state_dict"]["w"].device.type == "meta"
     assert loaded["obj"] == Path("x")
-    assert io.load_checkpoint(path, map_location=lambda s, loc: s, weights_only=False)["state_dict"]["w"].device.type == "cpu"
+    assert (
+        io.load_checkpoint(path, map_location=lambda s, loc: s, weights_only=False)["state_dict"]["w"].device.type
+        == "cpu"
+    )
 
 
 def test_remove_checkpoint_deletes_the_directory_and_tolerates_missing(tmp_path: Path) -> None:

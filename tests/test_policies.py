@@ -19,10 +19,7 @@ from lightning_ckpt.policies import (
 
 
 def records(*steps_and_metrics: tuple[int, float | None]) -> list[CheckpointRecord]:
-    return [
-        CheckpointRecord(f"ba{step}", epoch=step // 1000, step=step, metric=m)
-        for step, m in steps_and_metrics
-    ]
+    return [CheckpointRecord(f"ba{step}", epoch=step // 1000, step=step, metric=m) for step, m in steps_and_metrics]
 
 
 # steps 100..600; metric: lower is better at ba300 (0.1), ba500 and ba200 tie at 0.3, ba600 has none.
@@ -76,9 +73,7 @@ def test_policies_on_no_records() -> None:
 def test_or_flattens_and_reprs() -> None:
     policy = KeepLatest(2) | KeepEveryNSteps(100) | KeepBest(1, "max")
     assert policy == AnyOf((KeepLatest(2), KeepEveryNSteps(100), KeepBest(1, "max")))
-    assert repr(policy) == (
-        "AnyOf(policies=(KeepLatest(n=2), KeepEveryNSteps(n=100), KeepBest(k=1, mode='max')))"
-    )
+    assert repr(policy) == ("AnyOf(policies=(KeepLatest(n=2), KeepEveryNSteps(n=100), KeepBest(k=1, mode='max')))")
 
 
 @pytest.mark.parametrize(
@@ -150,13 +145,11 @@ def test_build_retention_policy(kwargs: dict[str, Any], expected: RetentionPolic
         ),
         (
             {"keep_every_n_steps": 0},
-            "keep_every_n_steps=0 is not valid. It must be an int >= 1. "
-            "Example of a valid value: 1000 (or None).",
+            "keep_every_n_steps=0 is not valid. It must be an int >= 1. Example of a valid value: 1000 (or None).",
         ),
         (
             {"keep_every_n_steps": 2.5},
-            "keep_every_n_steps=2.5 is not valid. It must be an int >= 1. "
-            "Example of a valid value: 1000 (or None).",
+            "keep_every_n_steps=2.5 is not valid. It must be an int >= 1. Example of a valid value: 1000 (or None).",
         ),
         (
             {"keep_best": -1},
