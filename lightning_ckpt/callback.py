@@ -134,7 +134,7 @@ class CheckpointSaver(Checkpoint):
         self.retention = build_retention_policy(
             num_checkpoints_to_keep=num_checkpoints_to_keep,
             keep_every_n_steps=keep_every_n_steps,
-            keep_best=best,
+            num_best_to_keep=best,
             mode=mode,
         )
         self.monitor = monitor

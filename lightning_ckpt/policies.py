@@ -198,7 +198,7 @@ def build_retention_policy(
     *,
     num_checkpoints_to_keep: int = -1,
     keep_every_n_steps: int | None = None,
-    keep_best: int = 0,
+    num_best_to_keep: int = 0,
     mode: str = "min",
 ) -> RetentionPolicy:
     """Build the policy for the public retention arguments.
@@ -206,20 +206,20 @@ def build_retention_policy(
     Args:
         num_checkpoints_to_keep: ``-1`` keeps all; ``0`` keeps none by recency; ``N`` keeps the ``N`` newest.
         keep_every_n_steps: also keep forever every checkpoint whose step is a multiple of this.
-        keep_best: also keep this many checkpoints with the best monitored metric.
+        num_best_to_keep: also keep this many checkpoints with the best monitored metric.
         mode: ``"min"`` or ``"max"``: whether a lower or higher metric is better.
 
     Raises:
         ConfigError: for out-of-range values or wrong types (a bool is not a count).
 
     Example:
-        >>> build_retention_policy(num_checkpoints_to_keep=2, keep_best=1, mode="max")
+        >>> build_retention_policy(num_checkpoints_to_keep=2, num_best_to_keep=1, mode="max")
         AnyOf(policies=(KeepLatest(n=2), KeepBest(k=1, mode='max')))
     """
     _int_at_least("num_checkpoints_to_keep", num_checkpoints_to_keep, -1, "3 (or -1 to keep all)")
     if keep_every_n_steps is not None:
         _int_at_least("keep_every_n_steps", keep_every_n_steps, 1, "1000 (or None)")
-    _int_at_least("keep_best", keep_best, 0, "1 (or 0)")
+    _int_at_least("num_best_to_keep", num_best_to_keep, 0, "1 (or 0)")
     if mode not in _MODES:
         raise ConfigError("mode", mode, "'min' or 'max'")
     if num_checkpoints_to_keep == -1:
@@ -227,8 +227,8 @@ def build_retention_policy(
     parts: list[RetentionPolicy] = [KeepLatest(num_checkpoints_to_keep)] if num_checkpoints_to_keep else []
     if keep_every_n_steps is not None:
         parts.append(KeepEveryNSteps(keep_every_n_steps))
-    if keep_best:
-        parts.append(KeepBest(keep_best, mode))
+    if num_best_to_keep:
+        parts.append(KeepBest(num_best_to_keep, mode))
     if not parts:
         return KeepLatest(0)
     return parts[0] if len(parts) == 1 else AnyOf(tuple(parts))

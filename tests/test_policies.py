@@ -106,17 +106,17 @@ def test_policy_constructors_reject(make: Any, message: str) -> None:
     ("kwargs", "expected"),
     [
         ({}, KeepAll()),
-        ({"num_checkpoints_to_keep": -1, "keep_best": 2}, KeepAll()),
+        ({"num_checkpoints_to_keep": -1, "num_best_to_keep": 2}, KeepAll()),
         ({"num_checkpoints_to_keep": 0}, KeepLatest(0)),
         ({"num_checkpoints_to_keep": 3}, KeepLatest(3)),
         ({"num_checkpoints_to_keep": 0, "keep_every_n_steps": 1000}, KeepEveryNSteps(1000)),
-        ({"num_checkpoints_to_keep": 0, "keep_best": 2, "mode": "max"}, KeepBest(2, "max")),
+        ({"num_checkpoints_to_keep": 0, "num_best_to_keep": 2, "mode": "max"}, KeepBest(2, "max")),
         (
             {"num_checkpoints_to_keep": 2, "keep_every_n_steps": 100},
             AnyOf((KeepLatest(2), KeepEveryNSteps(100))),
         ),
         (
-            {"num_checkpoints_to_keep": 1, "keep_every_n_steps": 5, "keep_best": 1},
+            {"num_checkpoints_to_keep": 1, "keep_every_n_steps": 5, "num_best_to_keep": 1},
             AnyOf((KeepLatest(1), KeepEveryNSteps(5), KeepBest(1, "min"))),
         ),
     ],
@@ -152,12 +152,12 @@ def test_build_retention_policy(kwargs: dict[str, Any], expected: RetentionPolic
             "keep_every_n_steps=2.5 is not valid. It must be an int >= 1. Example of a valid value: 1000 (or None).",
         ),
         (
-            {"keep_best": -1},
-            "keep_best=-1 is not valid. It must be an int >= 0. Example of a valid value: 1 (or 0).",
+            {"num_best_to_keep": -1},
+            "num_best_to_keep=-1 is not valid. It must be an int >= 0. Example of a valid value: 1 (or 0).",
         ),
         (
-            {"keep_best": False},
-            "keep_best=False is not valid. It must be an int >= 0. Example of a valid value: 1 (or 0).",
+            {"num_best_to_keep": False},
+            "num_best_to_keep=False is not valid. It must be an int >= 0. Example of a valid value: 1 (or 0).",
         ),
         ({"mode": "MIN"}, "mode='MIN' is not valid. Example of a valid value: 'min' or 'max'."),
     ],
