@@ -149,6 +149,13 @@ class CheckpointSaver(Checkpoint):
         self._io: ShardedCheckpointIO | None = None
         _lightning.install_last_resolver()
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Distinct per folder and filename, so several savers in one trainer keep separate state."""
+        folder = self.folder.pattern if self.folder else None
+        return self._generate_state_key(folder=folder, filename=self.filename.pattern)
+
     # -- where -----------------------------------------------------------------------------------
     def folder_path(self, trainer: Trainer) -> str:
         """This rank's checkpoint folder, with every variable filled in."""

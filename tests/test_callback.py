@@ -227,6 +227,27 @@ def test_model_on_save_checkpoint_hook_runs(tmp_path: Path) -> None:
     assert extra["note"] == "from the hook" and torch.equal(extra["t"], torch.arange(3))
 
 
+def test_two_savers_keep_separate_state_and_folders(tmp_path: Path) -> None:
+    every_2 = CheckpointSaver(folder=tmp_path / "a", save_interval="2ba", num_checkpoints_to_keep=1, run_name="r")
+    per_epoch = CheckpointSaver(folder=tmp_path / "b", save_interval="1ep", run_name="r")
+    assert every_2.state_key != per_epoch.state_key
+    L.seed_everything(0, verbose=False)
+    build_trainer(str(tmp_path), max_epochs=2, callbacks=[every_2, per_epoch]).fit(TinyRegressor())
+    assert _dirs(tmp_path / "a") == ["ep1-ba16"] and _dirs(tmp_path / "b") == ["ep0-ba8", "ep1-ba16"]
+    saved = read_checkpoint(str(tmp_path / "b" / "ep1-ba16"))["callbacks"]
+    assert saved[per_epoch.state_key]["saved"][-1]["name"] == "ep1-ba16"
+    assert saved[every_2.state_key]["last_saved_step"] == 16
+
+
+def test_missing_ckpt_path_fails_before_training(tmp_path: Path) -> None:
+    model = TinyRegressor()
+    initial = state_of(model)
+    trainer = build_trainer(str(tmp_path), callbacks=[CheckpointSaver(folder=tmp_path / "c", run_name="r")])
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path='.*nowhere' does not exist"):
+        trainer.fit(model, ckpt_path=str(tmp_path / "nowhere"))
+    assert trainer.global_step == 0 and _equal(state_of(model), initial)
+
+
 def test_default_folder_is_stable_and_under_default_root_dir(tmp_path: Path) -> None:
     a, b = CheckpointSaver(), CheckpointSaver()
     trainer = build_trainer(str(tmp_path), callbacks=[a])
