@@ -40,6 +40,7 @@ from lightning_ckpt.layout import Progress, RankInfo
 
 __all__ = [
     "LastCheckpointProvider",
+    "decide_on_rank_zero",
     "default_run_name",
     "dump_checkpoint",
     "install_last_resolver",
@@ -81,6 +82,18 @@ def progress(trainer: Trainer) -> Progress:
     return Progress(
         epoch=trainer.current_epoch, batch=trainer.global_step, batch_in_epoch=batch_in_epoch, metrics=metrics
     )
+
+
+def decide_on_rank_zero(trainer: Trainer, decide: Callable[[], bool]) -> bool:
+    """Evaluate ``decide`` on global rank 0 only and give every rank its answer.
+
+    Used for decisions ranks could disagree on (clocks, user callables); a disagreement about
+    whether to save would leave some ranks waiting at the barrier.
+    """
+    if trainer.world_size == 1:
+        return decide()
+    decision = decide() if trainer.is_global_zero else False
+    return bool(trainer.strategy.broadcast(decision, src=0))
 
 
 def resume_step(trainer: Trainer) -> int:

@@ -26,7 +26,6 @@ from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from lightning_ckpt import _lightning, layout
-from lightning_ckpt.checkpoint import save_checkpoint_dir
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.errors import ConfigError, FolderConflictError
 from lightning_ckpt.interval import Event, SavePoint, SaveSchedule, parse_save_interval
@@ -175,6 +174,8 @@ class CheckpointSaver(Checkpoint):
         if not mine:
             return None
         name, manifest = mine[-1]
+        if trainer.world_size > 1:  # the folder: ranks agree on the newest common one when loading
+            return storage.url(folder), manifest.created
         return storage.url(storage.join(folder, name)), manifest.created
 
     @property
@@ -201,7 +202,9 @@ class CheckpointSaver(Checkpoint):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         storage, folder = self._storage(trainer)
         self._records = scan_records(storage, folder, self.filename)
-        self._resumed_from = os.path.basename(os.path.normpath(str(trainer.ckpt_path))) if trainer.ckpt_path else None
+        loaded = self._io.loaded_path if self._io is not None and trainer.ckpt_path else None
+        resumed = loaded or (str(trainer.ckpt_path) if trainer.ckpt_path else None)
+        self._resumed_from = os.path.basename(os.path.normpath(resumed)) if resumed else None
         start = _lightning.resume_step(trainer)
         newer = [r.name for r in self._records if r.step > start]
         if newer and not self.overwrite:
@@ -239,7 +242,11 @@ class CheckpointSaver(Checkpoint):
             return
         point = SavePoint(event=event, epoch=trainer.current_epoch, batch=step)
         now = time.monotonic()
-        if self.save_interval.is_due(point, trainer, now):
+        if self.save_interval.needs_agreement:
+            due = _lightning.decide_on_rank_zero(trainer, lambda: self.save_interval.is_due(point, trainer, now))
+        else:
+            due = self.save_interval.is_due(point, trainer, now)
+        if due:
             self.save(trainer)
             self.save_interval.mark_saved(point, now)
 
@@ -262,16 +269,18 @@ class CheckpointSaver(Checkpoint):
             self.ignore_keys(checkpoint)
         elif self.ignore_keys:
             drop_paths(checkpoint, self.ignore_keys)
-        path = save_checkpoint_dir(
+        assert self._io is not None, "CheckpointSaver.save() runs inside trainer.fit()"
+        result = self._io.save_collective(
             checkpoint,
             storage.join(folder, name),
             latest_filename=self.latest_filename,
             metadata={METRIC_KEY: metric} if metric is not None else {},
         )
-        log.info("Saved checkpoint %s (epoch %d, step %d)", path, progress.epoch, progress.batch)
+        if result.leader:
+            log.info("Saved checkpoint %s (epoch %d, step %d)", result.path, progress.epoch, progress.batch)
         protected = {self._resumed_from} if self._resumed_from else set()
-        rotate(storage, folder, self._records, self.retention, protected=protected)
-        return path
+        rotate(storage, folder, self._records, self.retention, protected=protected, delete=result.leader)
+        return result.path
 
     @property
     def saved_checkpoints(self) -> list[str]:

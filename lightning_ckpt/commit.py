@@ -34,16 +34,17 @@ from lightning_ckpt.storage import Storage, fsync_dir
 __all__ = ["commit_dir", "read_pointer", "stage_dir", "update_latest"]
 
 
-def stage_dir(storage: Storage, folder: str, name: str, token: str | None = None) -> str:
+def stage_dir(storage: Storage, folder: str, name: str, token: str | None = None, *, leader: bool = True) -> str:
     """Create and return the directory the checkpoint's files are written into before the commit.
 
     ``token`` makes the local staging name unique; ranks that share a folder pass the same token.
+    Only the ``leader`` un-commits an older checkpoint of the same name in an object store.
     """
     storage.makedirs(folder)
     if not storage.is_local:
         final = storage.join(folder, name)
-        # Overwriting in a store: un-commit the old checkpoint first so it is never half-replaced.
-        storage.remove_file(storage.join(final, layout.MANIFEST_FILENAME))
+        if leader:  # overwriting in a store: un-commit the old checkpoint first so it is never half-replaced
+            storage.remove_file(storage.join(final, layout.MANIFEST_FILENAME))
         storage.makedirs(final)
         return final
     staged = storage.join(folder, layout.partial_dirname(name, token or uuid.uuid4().hex[:12]))

@@ -15,7 +15,7 @@ that resumed from an earlier checkpoint with ``overwrite=True`` continues from i
 
 Example:
     >>> import tempfile, os, torch
-    >>> from lightning_ckpt.checkpoint import save_checkpoint_dir
+    >>> from lightning_ckpt.collective import save_checkpoint_dir
     >>> folder = tempfile.mkdtemp()
     >>> _ = save_checkpoint_dir({"w": torch.ones(1), "global_step": 1}, os.path.join(folder, "a"))
     >>> _ = save_checkpoint_dir({"w": torch.ones(1), "global_step": 2}, os.path.join(folder, "b"))
@@ -50,6 +50,7 @@ class Resolved:
     storage: Storage
     path: str
     kind: Literal["dir", "file"]
+    from_folder: bool = False
 
     @property
     def url(self) -> str:
@@ -116,7 +117,7 @@ def resolve(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | N
             return Resolved(storage, target, "dir")
         committed = list_committed(storage, target)
         if committed:
-            return Resolved(storage, storage.join(target, committed[-1][0]), "dir")
+            return Resolved(storage, storage.join(target, committed[-1][0]), "dir", from_folder=True)
         if any(layout.parse_shard_filename(n) for n in storage.listdir(target)):
             raise CorruptCheckpointError(
                 f"{storage.url(storage.join(target, layout.MANIFEST_FILENAME))} is missing:"

@@ -67,9 +67,11 @@ __all__ = [
     "is_hidden_name",
     "is_partial_dirname",
     "is_plain_name",
+    "parse_probe_filename",
     "parse_shard_filename",
     "partial_dirname",
     "pointer_filename",
+    "probe_filename",
     "shard_filename",
     "temp_filename",
     "trash_dirname",
@@ -437,6 +439,29 @@ def temp_filename(name: str, token: str) -> str:
         '.manifest.json.tmp-ab12'
     """
     return _hidden("tmp", name, token, repr(MANIFEST_FILENAME))
+
+
+def probe_filename(token: str, rank: int) -> str:
+    """Hidden file a rank writes to learn which other ranks see the same folder.
+
+    Example:
+        >>> probe_filename("ab12", 3)
+        '.probe-ab12-rank3'
+    """
+    if not isinstance(token, str) or not _TOKEN_RE.fullmatch(token):
+        raise ConfigError("token", token, "'1f2e3d4c'", "It must be letters, digits, '_' or '-'")
+    return f".probe-{token}-rank{rank}"
+
+
+def parse_probe_filename(name: str, token: str) -> int | None:
+    """The rank that wrote probe file ``name`` for ``token``, or ``None``.
+
+    Example:
+        >>> parse_probe_filename(".probe-ab12-rank3", "ab12"), parse_probe_filename("ep1", "ab12")
+        (3, None)
+    """
+    prefix = f".probe-{token}-rank"
+    return int(name[len(prefix) :]) if name.startswith(prefix) and name[len(prefix) :].isdigit() else None
 
 
 def is_hidden_name(name: str) -> bool:

@@ -9,7 +9,7 @@ a :class:`~lightning_ckpt.errors.CorruptCheckpointError` naming the file and wha
 
 Example:
     >>> import tempfile, torch, os
-    >>> from lightning_ckpt.checkpoint import save_checkpoint_dir
+    >>> from lightning_ckpt.collective import save_checkpoint_dir
     >>> folder = tempfile.mkdtemp()
     >>> path = save_checkpoint_dir({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, os.path.join(folder, "c"))
     >>> read_checkpoint(path)["state_dict"]["w"]

@@ -6,7 +6,7 @@ touched. The newest checkpoint and the one training resumed from are always prot
 
 Example:
     >>> import tempfile, os, torch
-    >>> from lightning_ckpt.checkpoint import save_checkpoint_dir
+    >>> from lightning_ckpt.collective import save_checkpoint_dir
     >>> from lightning_ckpt.layout import NameFormat
     >>> from lightning_ckpt.policies import KeepLatest
     >>> from lightning_ckpt.storage import Storage
@@ -63,16 +63,18 @@ def rotate(
     policy: RetentionPolicy,
     *,
     protected: Collection[str] = (),
+    delete: bool = True,
 ) -> list[str]:
-    """Delete what ``policy`` drops (never the newest or ``protected``); return the deleted names.
+    """Delete what ``policy`` drops (never the newest or ``protected``); return the dropped names.
 
-    ``records`` is updated in place to list only what remains.
+    ``records`` is updated in place to list only what remains. With ``delete=False`` only the
+    records change: ranks that share a folder keep the same list, and one of them deletes.
     """
     keep_always = set(protected)
     if records:
         keep_always.add(records[-1].name)
     doomed = plan_deletions(records, policy, protected=keep_always)
-    for name in doomed:
+    for name in doomed if delete else ():
         log.info("Removing old checkpoint %s", storage.url(storage.join(folder, name)))
         remove_checkpoint_dir(storage, storage.join(folder, name))
     records[:] = [r for r in records if r.name not in set(doomed)]

@@ -20,7 +20,7 @@ from lightning_ckpt import (
     latest,
     read_checkpoint,
 )
-from lightning_ckpt.checkpoint import save_checkpoint_dir
+from lightning_ckpt.collective import save_checkpoint_dir
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
 
 from .conftest import run_worker

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_ckpt import CheckpointNotFoundError, CorruptCheckpointError, latest, read_checkpoint
-from lightning_ckpt.checkpoint import save_checkpoint_dir
+from lightning_ckpt.collective import save_checkpoint_dir
 from lightning_ckpt.discovery import resolve
 
 SHARD = "shard-00000-of-00001.safetensors"

@@ -1,0 +1,259 @@
+"""The collective save: every rank writes its own shard, ranks meet at a barrier, the leader commits.
+
+Call sequence (every rank calls :func:`collective_save` at the same point of training):
+
+1. (all ranks) **plan**: post the target path; ranks that see the same storage
+   (:func:`discover_peers`, probed once per folder) *and* save to the same path form a writer
+   group. Its lowest rank is the group's leader. On a shared filesystem or object store that is
+   one group of all ranks; with node-local disks it is one group per node, so every node holds a
+   complete copy; with ``{rank}`` in the name it is one group per rank.
+2. (all ranks) split the group's tensors across its members, balanced by bytes
+   (:func:`~lightning_ckpt.sharding.assign_by_bytes`), and write this rank's shard durably;
+   the leader also writes ``objects.pt``.
+3. (all ranks) ``WriterHook.pre_commit(path, rank=...)`` for every hook.
+4. (all ranks) **barrier** ``written`` with ``barrier_timeout_s``: every rank reports its files or
+   its error. If any rank failed or did not arrive, every rank raises
+   :class:`~lightning_ckpt.dist.CollectiveError` naming those ranks; nothing is committed and
+   the previous checkpoint stays the latest.
+5. (leaders) write ``manifest.json`` (the commit), publish the directory, move ``latest``.
+6. (leaders) ``WriterHook.post_commit(path, rank=...)`` for every hook.
+7. (all ranks) **barrier** ``committed``: a failed commit raises on every rank.
+
+Example:
+    >>> import tempfile, os, torch
+    >>> from lightning_ckpt.dist import Exchange
+    >>> folder = tempfile.mkdtemp()
+    >>> result = collective_save({"w": torch.ones(2), "global_step": 3}, os.path.join(folder, "ba3"),
+    ...                          exchange=Exchange.current(prefix="doc", timeout_s=10), nonce="n1")
+    >>> result.leader, sorted(os.listdir(result.path))
+    (True, ['manifest.json', 'objects.pt', 'shard-00000-of-00001.safetensors'])
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lightning_ckpt import layout
+from lightning_ckpt.checkpoint import library_versions, write_objects, write_shard
+from lightning_ckpt.commit import commit_dir, stage_dir, update_latest
+from lightning_ckpt.dist import Exchange
+from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
+from lightning_ckpt.sharding import assign_by_bytes
+from lightning_ckpt.storage import Storage
+from lightning_ckpt.tree import split_tensors
+
+__all__ = ["SaveResult", "WriterHook", "collective_save", "discover_peers", "new_nonce", "save_checkpoint_dir"]
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a collective save did on this rank.
+
+    Attributes:
+        path: the committed checkpoint (path or URL).
+        group: the ranks that wrote it together (same storage, same path).
+        leader: whether this rank committed it (and so owns deletions in its folder).
+    """
+
+    path: str
+    group: tuple[int, ...]
+    leader: bool
+
+
+class WriterHook(abc.ABC):
+    """Actions around the commit of a collective save.
+
+    * ``pre_commit(path, rank=...)`` runs on **every rank**, after that rank's shard is durable
+      and before the barrier. Raising here fails the save on every rank; nothing is committed.
+    * ``post_commit(path, rank=...)`` runs on **each writer group's leader** (rank 0 when the
+      folder is shared) right after the manifest is written and ``latest`` moved.
+
+    Example:
+        >>> class Announce(WriterHook):
+        ...     def pre_commit(self, path, **kwargs): pass
+        ...     def post_commit(self, path, **kwargs): print("committed", os.path.basename(path))
+        >>> Announce().post_commit("/ckpts/ep1-ba8")
+        committed ep1-ba8
+    """
+
+    @abc.abstractmethod
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        """Called on every rank once its files are durable, before the barrier."""
+
+    @abc.abstractmethod
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        """Called on each group leader after the checkpoint is committed."""
+
+
+def discover_peers(exchange: Exchange, storage: Storage, folder: str) -> list[int]:
+    """Ranks whose folder is the same storage as this rank's (probe files; all ranks call this)."""
+    if exchange.world_size == 1:
+        return [0]
+    probe = exchange.child("probe")
+    token = probe.broadcast("token", uuid.uuid4().hex[:12] if exchange.rank == 0 else None)
+    storage.makedirs(folder)
+    mine = storage.join(folder, layout.probe_filename(token, exchange.rank))
+    storage.write_bytes_atomic(mine, b"")
+    probe.barrier("written")
+    peers = sorted(r for n in storage.listdir(folder) if (r := layout.parse_probe_filename(n, token)) is not None)
+    probe.barrier("read")
+    storage.remove_file(mine)
+    probe.cleanup()
+    return peers
+
+
+def _entries(payload: Mapping[str, Any]) -> tuple[list[FileEntry], list[TensorEntry]]:
+    files = [FileEntry(**f) for f in payload["files"]]
+    tensors = [TensorEntry(**{**t, "shape": tuple(t["shape"])}) for t in payload["tensors"]]
+    return files, tensors
+
+
+def collective_save(
+    checkpoint: Mapping[str, Any],
+    path: str,
+    *,
+    exchange: Exchange,
+    nonce: str,
+    peers: Sequence[int] = (0,),
+    storage_options: Mapping[str, Any] | None = None,
+    latest_filename: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    hooks: Sequence[WriterHook] = (),
+) -> SaveResult:
+    """Save ``checkpoint`` at ``path`` from every rank (see the module docstring).
+
+    Args:
+        checkpoint: this rank's checkpoint dict (identical on every rank for replicated DDP state).
+        path: this rank's checkpoint directory (path or URL).
+        exchange: the ranks' exchange for this save (a fresh prefix per save).
+        nonce: a run-unique token shared by all ranks (names the staging directory).
+        peers: ranks that see the same storage as this rank (:func:`discover_peers`).
+        storage_options: fsspec options for remote paths.
+        latest_filename: the pointer to move after the commit, or ``None``.
+        metadata: JSON-able extras stored in the manifest.
+        hooks: :class:`WriterHook` instances.
+    """
+    storage, target = Storage.open(path, storage_options)
+    folder, name = storage.dirname(target), storage.basename(target)
+    plans = exchange.barrier("plan", payload=storage.url(target))
+    group = [r for r in sorted(peers) if plans.get(r) == plans[exchange.rank]] or [exchange.rank]
+    index, leader = group.index(exchange.rank), group[0]
+    skeleton, tensors = split_tensors(dict(checkpoint))
+    mine = assign_by_bytes({k: t.numel() * t.element_size() for k, t in tensors.items()}, len(group))[index]
+    staged = ""
+    error: BaseException | None = None
+    payload: dict[str, Any] = {}
+    try:
+        staged = stage_dir(storage, folder, name, token=nonce, leader=exchange.rank == leader)
+        shard, entries = write_shard(
+            storage, staged, {k: tensors[k] for k in mine}, index=index, count=len(group), rank=exchange.rank
+        )
+        files = [shard] + ([write_objects(storage, staged, skeleton, rank=exchange.rank)] if index == 0 else [])
+        for hook in hooks:
+            hook.pre_commit(storage.url(target), rank=exchange.rank)
+        payload = {"files": [asdict(f) for f in files], "tensors": [asdict(e) for e in entries]}
+    except Exception as err:  # reported to every rank by the barrier below
+        error = err
+    try:
+        written = exchange.barrier("written", payload=payload, error=error)
+    except BaseException:
+        if exchange.rank == leader and staged and storage.is_local:
+            storage.remove_tree(staged)
+        raise
+    commit_error: BaseException | None = None
+    if exchange.rank == leader:
+        try:
+            _commit(storage, folder, name, staged, checkpoint, group, written, latest_filename, metadata)
+            for hook in hooks:
+                hook.post_commit(storage.url(target), rank=exchange.rank)
+        except Exception as err:
+            commit_error = err
+    exchange.barrier("committed", error=commit_error)
+    exchange.cleanup()
+    return SaveResult(path=storage.url(target), group=tuple(group), leader=exchange.rank == leader)
+
+
+def _commit(
+    storage: Storage,
+    folder: str,
+    name: str,
+    staged: str,
+    checkpoint: Mapping[str, Any],
+    group: list[int],
+    written: Mapping[int, Any],
+    latest_filename: str | None,
+    metadata: Mapping[str, Any] | None,
+) -> None:
+    files: list[FileEntry] = []
+    tensors: dict[str, TensorEntry] = {}
+    for rank in group:
+        rank_files, rank_tensors = _entries(written[rank])
+        files += rank_files
+        tensors.update((t.key, t) for t in rank_tensors)
+    manifest = Manifest(
+        name=name,
+        epoch=int(checkpoint.get("epoch", 0)),
+        global_step=int(checkpoint.get("global_step", 0)),
+        world_size=len(group),
+        files=files,
+        tensors=tensors,
+        weights_only="optimizer_states" not in checkpoint,
+        versions=library_versions(),
+        metadata={**dict(metadata or {}), "writer_ranks": group},
+    )
+    commit_dir(storage, folder, name, staged, manifest)
+    if latest_filename is not None:
+        update_latest(storage, folder, name, latest_filename)
+
+
+def new_nonce() -> str:
+    """A run-unique token (call on rank 0 and broadcast).
+
+    Example:
+        >>> len(new_nonce()) == 12 and new_nonce() != new_nonce()
+        True
+    """
+    return uuid.uuid4().hex[:12]
+
+
+def save_checkpoint_dir(
+    checkpoint: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    latest_filename: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """Save ``checkpoint`` from this process alone as a one-shard checkpoint at ``path``.
+
+    This is Lightning's rank-0 ``CheckpointIO.save_checkpoint`` contract: it never waits on other
+    ranks. An existing checkpoint at ``path`` is replaced (atomically, locally) only once the new
+    one is complete. Returns the committed path (a URL for remote stores).
+
+    Example:
+        >>> import tempfile, torch
+        >>> folder = tempfile.mkdtemp()
+        >>> path = save_checkpoint_dir({"w": torch.zeros(2), "global_step": 4}, os.path.join(folder, "ep0-ba4"),
+        ...                            latest_filename="latest")
+        >>> os.readlink(os.path.join(folder, "latest"))
+        'ep0-ba4'
+    """
+    name = os.path.basename(os.fspath(path).rstrip("/"))
+    if not layout.is_plain_name(name):
+        raise ValueError(f"path={os.fspath(path)!r} must name a checkpoint directory, e.g. '/data/ckpts/ep0-ba100'")
+    alone = Exchange(None, 0, 1, prefix="single", timeout_s=0)
+    result = collective_save(
+        checkpoint,
+        os.fspath(path),
+        exchange=alone,
+        nonce=new_nonce(),
+        storage_options=storage_options,
+        latest_filename=latest_filename,
+        metadata=metadata,
+    )
+    return result.path

@@ -1,0 +1,143 @@
+"""Coordination between ranks through the process group's key-value store (the only torch.distributed importer).
+
+Every exchange goes through the store that ``torch.distributed`` was initialised with (a
+``TCPStore`` under torchrun and Lightning), never through NCCL or gloo collectives, so it
+behaves the same for every backend, has a real timeout, and can name the ranks that failed.
+
+============================  ===========================================  ========================
+operation                     with a process group (N ranks)               single process
+============================  ===========================================  ========================
+:meth:`Exchange.barrier`      every rank posts ``ok`` or its error plus a  returns own payload;
+                              payload, then waits for all; raises          raises own error
+                              :class:`CollectiveError` naming failed and
+                              missing ranks
+:meth:`Exchange.broadcast`    rank ``src`` posts a value, others wait      returns the value
+============================  ===========================================  ========================
+
+Example:
+    >>> ex = Exchange.current(prefix="doc", timeout_s=5)
+    >>> ex.rank, ex.world_size
+    (0, 1)
+    >>> ex.barrier("written", payload={"files": 1})
+    {0: {'files': 1}}
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from lightning_ckpt.errors import CheckpointError
+
+__all__ = ["CollectiveError", "Exchange"]
+
+
+class CollectiveError(CheckpointError):
+    """One or more ranks failed or did not arrive; raised on every rank that is still alive.
+
+    Attributes:
+        phase: the step of the protocol that failed (e.g. ``"written"``).
+        failed: ``{rank: error message}`` of ranks that reported an error.
+        missing: ranks that did not arrive within the timeout.
+    """
+
+    def __init__(self, phase: str, failed: dict[int, str], missing: list[int], timeout_s: float) -> None:
+        self.phase, self.failed, self.missing = phase, failed, missing
+        parts = [f"rank {r}: {msg}" for r, msg in sorted(failed.items())]
+        if missing:
+            parts.append(f"rank(s) {', '.join(map(str, missing))} did not arrive within {timeout_s:g} s")
+        super().__init__(f"checkpoint {phase} failed on rank(s) {self.ranks}: " + "; ".join(parts))
+
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank that failed or went missing."""
+        return sorted({*self.failed, *self.missing})
+
+
+class Exchange:
+    """Named rounds of messages between ranks over the default store.
+
+    Args:
+        store: the key-value store (``None`` for a single process).
+        rank: this process's global rank.
+        world_size: number of ranks.
+        prefix: namespace of this exchange's keys (one per save, so rounds never mix).
+        timeout_s: how long to wait for the other ranks.
+    """
+
+    def __init__(self, store: Any, rank: int, world_size: int, prefix: str, timeout_s: float) -> None:
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.prefix, self.timeout_s = prefix, timeout_s
+        self._written: list[str] = []
+
+    @classmethod
+    def current(cls, *, prefix: str, timeout_s: float) -> Exchange:
+        """The exchange for the initialised default process group (or a single-process one)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            store = dist.distributed_c10d._get_default_store()
+            return cls(store, dist.get_rank(), dist.get_world_size(), prefix, timeout_s)
+        return cls(None, 0, 1, prefix, timeout_s)
+
+    def child(self, prefix: str) -> Exchange:
+        """An exchange with the same ranks under another namespace."""
+        return Exchange(self.store, self.rank, self.world_size, f"{self.prefix}/{prefix}", self.timeout_s)
+
+    def _key(self, phase: str, rank: int) -> str:
+        return f"lightning_ckpt/{self.prefix}/{phase}/{rank}"
+
+    def _post(self, key: str, value: str) -> None:
+        self.store.set(key, value)
+        self._written.append(key)
+
+    def barrier(self, phase: str, *, payload: Any = None, error: BaseException | None = None) -> dict[int, Any]:
+        """Post this rank's status, wait for every rank, return ``{rank: payload}`` or raise for all."""
+        message = {
+            "ok": error is None,
+            "error": f"{type(error).__name__}: {error}" if error else "",
+            "payload": payload,
+        }
+        if self.store is None:
+            if error is not None:
+                raise error  # alone, the error keeps its own type
+            return {0: payload}
+        self._post(self._key(phase, self.rank), json.dumps(message))
+        keys = [self._key(phase, r) for r in range(self.world_size)]
+        missing: list[int] = []
+        try:
+            self.store.wait(keys, timedelta(seconds=self.timeout_s))
+        except RuntimeError:  # DistStoreError on timeout
+            missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+        arrived = [r for r in range(self.world_size) if r not in missing]
+        messages = {r: json.loads(self.store.get(self._key(phase, r))) for r in arrived}
+        failed = {r: m["error"] for r, m in messages.items() if not m["ok"]}
+        if failed or missing:
+            raise CollectiveError(phase, failed, missing, self.timeout_s) from error
+        return {r: m["payload"] for r, m in messages.items()}
+
+    def broadcast(self, phase: str, value: Any = None, *, src: int = 0) -> Any:
+        """``value`` of rank ``src`` on every rank (JSON-able values)."""
+        if self.store is None:
+            return value
+        key = self._key(phase, src)
+        if self.rank == src:
+            self._post(key, json.dumps(value))
+            return value
+        try:
+            self.store.wait([key], timedelta(seconds=self.timeout_s))
+        except RuntimeError as err:
+            raise CollectiveError(phase, {}, [src], self.timeout_s) from err
+        return json.loads(self.store.get(key))
+
+    def cleanup(self) -> None:
+        """Delete the keys this rank wrote (call once every rank has read them)."""
+        if self.store is None:
+            return
+        for key in self._written:
+            try:
+                self.store.delete_key(key)
+            except RuntimeError:
+                continue
+        self._written.clear()
