@@ -8,7 +8,9 @@ Example:
 """
 
 from lightning_ckpt.callback import CheckpointSaver
+from lightning_ckpt.collective import WriterHook
 from lightning_ckpt.discovery import latest
+from lightning_ckpt.dist import CollectiveError
 from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -26,12 +28,14 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointSaver",
+    "CollectiveError",
     "ConfigError",
     "CorruptCheckpointError",
     "Event",
     "FolderConflictError",
     "SaveSchedule",
     "ShardedCheckpointIO",
+    "WriterHook",
     "latest",
     "read_checkpoint",
 ]

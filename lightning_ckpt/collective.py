@@ -103,7 +103,6 @@ def discover_peers(exchange: Exchange, storage: Storage, folder: str) -> list[in
     peers = sorted(r for n in storage.listdir(folder) if (r := layout.parse_probe_filename(n, token)) is not None)
     probe.barrier("read")
     storage.remove_file(mine)
-    probe.cleanup()
     return peers
 
 
@@ -124,6 +123,7 @@ def collective_save(
     latest_filename: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     hooks: Sequence[WriterHook] = (),
+    previous: Exchange | None = None,
 ) -> SaveResult:
     """Save ``checkpoint`` at ``path`` from every rank (see the module docstring).
 
@@ -137,10 +137,13 @@ def collective_save(
         latest_filename: the pointer to move after the commit, or ``None``.
         metadata: JSON-able extras stored in the manifest.
         hooks: :class:`WriterHook` instances.
+        previous: the previous save's exchange; its last keys are deleted once every rank is here.
     """
     storage, target = Storage.open(path, storage_options)
     folder, name = storage.dirname(target), storage.basename(target)
     plans = exchange.barrier("plan", payload=storage.url(target))
+    if previous is not None:
+        previous.cleanup()
     group = [r for r in sorted(peers) if plans.get(r) == plans[exchange.rank]] or [exchange.rank]
     index, leader = group.index(exchange.rank), group[0]
     skeleton, tensors = split_tensors(dict(checkpoint))
@@ -174,7 +177,6 @@ def collective_save(
         except Exception as err:
             commit_error = err
     exchange.barrier("committed", error=commit_error)
-    exchange.cleanup()
     return SaveResult(path=storage.url(target), group=tuple(group), leader=exchange.rank == leader)
 
 

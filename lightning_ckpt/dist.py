@@ -71,7 +71,8 @@ class Exchange:
     def __init__(self, store: Any, rank: int, world_size: int, prefix: str, timeout_s: float) -> None:
         self.store, self.rank, self.world_size = store, rank, world_size
         self.prefix, self.timeout_s = prefix, timeout_s
-        self._written: list[str] = []
+        self._stale: list[str] = []  # own keys every rank has read: safe to delete
+        self._fresh: list[str] = []  # own keys of the latest round: others may still be reading them
 
     @classmethod
     def current(cls, *, prefix: str, timeout_s: float) -> Exchange:
@@ -90,7 +91,21 @@ class Exchange:
 
     def _post(self, key: str, value: str) -> None:
         self.store.set(key, value)
-        self._written.append(key)
+        self._fresh.append(key)
+
+    def _passed(self, keep: str) -> None:
+        """Every rank is past the rounds before the one that posted ``keep``: forget those keys."""
+        self._stale += [k for k in self._fresh if k != keep]
+        self._fresh = [keep]
+        self._delete(self._stale)
+        self._stale = []
+
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.store.delete_key(key)
+            except RuntimeError:
+                continue
 
     def barrier(self, phase: str, *, payload: Any = None, error: BaseException | None = None) -> dict[int, Any]:
         """Post this rank's status, wait for every rank, return ``{rank: payload}`` or raise for all."""
@@ -103,7 +118,8 @@ class Exchange:
             if error is not None:
                 raise error  # alone, the error keeps its own type
             return {0: payload}
-        self._post(self._key(phase, self.rank), json.dumps(message))
+        own = self._key(phase, self.rank)
+        self._post(own, json.dumps(message))
         keys = [self._key(phase, r) for r in range(self.world_size)]
         missing: list[int] = []
         try:
@@ -115,6 +131,7 @@ class Exchange:
         failed = {r: m["error"] for r, m in messages.items() if not m["ok"]}
         if failed or missing:
             raise CollectiveError(phase, failed, missing, self.timeout_s) from error
+        self._passed(keep=own)
         return {r: m["payload"] for r, m in messages.items()}
 
     def broadcast(self, phase: str, value: Any = None, *, src: int = 0) -> Any:
@@ -132,12 +149,8 @@ class Exchange:
         return json.loads(self.store.get(key))
 
     def cleanup(self) -> None:
-        """Delete the keys this rank wrote (call once every rank has read them)."""
-        if self.store is None:
-            return
-        for key in self._written:
-            try:
-                self.store.delete_key(key)
-            except RuntimeError:
-                continue
-        self._written.clear()
+        """Delete this rank's remaining keys. Call only once every rank has passed the last round
+        (e.g. after the first barrier of the next exchange); earlier rounds clean up by themselves."""
+        if self.store is not None:
+            self._delete(self._fresh)
+        self._fresh = []

@@ -103,6 +103,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self._loads = 0
         self._nonce: str | None = None
         self._peers: dict[str, list[int]] = {}
+        self._previous: Exchange | None = None
         self.loaded_path: str | None = None
 
     def __repr__(self) -> str:
@@ -137,10 +138,12 @@ class ShardedCheckpointIO(CheckpointIO):
         folder = storage.dirname(target)
         if folder not in self._peers:
             self._peers[folder] = discover_peers(exchange.child("peers"), storage, folder)
+        previous, self._previous = self._previous, exchange
         return collective_save(
             checkpoint,
             os.fspath(path),
             exchange=exchange,
+            previous=previous,
             nonce=f"{self._nonce}{self._saves}",
             peers=self._peers[folder],
             storage_options=self.storage_options,
@@ -159,7 +162,6 @@ class ShardedCheckpointIO(CheckpointIO):
         folder = storage.dirname(resolved.path)
         mine = [[name, m.global_step] for name, m in list_committed(storage, folder)]
         views = exchange.barrier("committed", payload=mine)
-        exchange.cleanup()
         common = set.intersection(*({(n, s) for n, s in view} for view in views.values()))
         if not common:
             empty = [r for r, view in views.items() if not view]

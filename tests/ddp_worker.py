@@ -1,0 +1,124 @@
+"""One rank of a real multi-process Lightning DDP run (gloo on CPU), launched by torchrun in the tests.
+
+Faults are real: SIGKILL of a rank, a file-size limit (RLIMIT_FSIZE) that makes one rank's shard
+write fail with EFBIG, and a rank that stalls before the barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO, WriterHook
+from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
+
+
+class KillRank(L.Callback):
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LimitFileSize(L.Callback):
+    """From ``step`` on, this rank cannot write files larger than 1 KiB (writes fail with EFBIG)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+
+class DumpLoaded(L.Callback):
+    """Writes each rank's weights as training starts (i.e. right after resuming)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(state_of(pl_module), f"{self.prefix}.rank{trainer.global_rank}.pt")
+
+
+class RecordingHook(WriterHook):
+    """Appends 'phase name manifest-exists' lines to a per-rank log; optionally stalls one rank."""
+
+    def __init__(self, log_prefix: str, stall_rank: int | None, stall_s: float) -> None:
+        self.log_prefix, self.stall_rank, self.stall_s = log_prefix, stall_rank, stall_s
+
+    def _record(self, phase: str, path: str, rank: int) -> None:
+        committed = os.path.exists(os.path.join(path, "manifest.json"))
+        with open(f"{self.log_prefix}.rank{rank}.log", "a") as f:
+            f.write(f"{phase} {os.path.basename(path)} {committed}\n")
+
+    def pre_commit(self, path: str, **kwargs: Any) -> None:
+        self._record("pre_commit", path, kwargs["rank"])
+        if kwargs["rank"] == self.stall_rank:
+            time.sleep(self.stall_s)
+
+    def post_commit(self, path: str, **kwargs: Any) -> None:
+        self._record("post_commit", path, kwargs["rank"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--folder", required=True)
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--interval", default="1ep")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--ckpt-path", default=None)
+    p.add_argument("--kill-rank", type=int, default=None)
+    p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--fail-write-rank", type=int, default=None)
+    p.add_argument("--fail-at", type=int, default=None)
+    p.add_argument("--stall-rank", type=int, default=None)
+    p.add_argument("--stall-s", type=float, default=0.0)
+    p.add_argument("--barrier-timeout", type=float, default=60.0)
+    p.add_argument("--hook-log", default=None)
+    p.add_argument("--dump-loaded", default=None)
+    p.add_argument("--save-weights", default=None)
+    args = p.parse_args()
+
+    L.seed_everything(0, verbose=False)
+    callbacks: list[L.Callback] = []
+    if args.kill_rank is not None:
+        callbacks.append(KillRank(args.kill_rank, args.kill_at))
+    if args.fail_write_rank is not None:
+        callbacks.append(LimitFileSize(args.fail_write_rank, args.fail_at))
+    if args.dump_loaded:
+        callbacks.append(DumpLoaded(args.dump_loaded))
+    callbacks.append(CheckpointSaver(folder=args.folder, save_interval=args.interval, run_name="ddp"))
+    hooks = [RecordingHook(args.hook_log, args.stall_rank, args.stall_s)] if args.hook_log else []
+    io = ShardedCheckpointIO(barrier_timeout_s=args.barrier_timeout, writer_hooks=hooks)
+    trainer = build_trainer(
+        os.path.dirname(args.folder.rstrip("/")),
+        max_epochs=args.epochs,
+        callbacks=callbacks,
+        plugins=[io],
+        strategy="ddp",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+    )
+    model = TinyRegressor()
+    trainer.fit(model, ckpt_path=args.ckpt_path or ("last" if args.resume else None))
+    if args.save_weights and trainer.global_rank == 0:
+        torch.save(state_of(model), args.save_weights)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
