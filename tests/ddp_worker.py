@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO, WriterHook
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
@@ -55,17 +56,17 @@ class DumpLoaded(L.Callback):
 class RecordingHook(WriterHook):
     """Appends 'phase name manifest-exists' lines to a per-rank log; optionally stalls one rank."""
 
-    def __init__(self, log_prefix: str, stall_rank: int | None, stall_s: float) -> None:
-        self.log_prefix, self.stall_rank, self.stall_s = log_prefix, stall_rank, stall_s
+    def __init__(self, log_prefix: str, stall_rank: int | None, stall_name: str | None, stall_s: float) -> None:
+        self.log_prefix, self.stall_rank, self.stall_name, self.stall_s = log_prefix, stall_rank, stall_name, stall_s
 
     def _record(self, phase: str, path: str, rank: int) -> None:
         committed = os.path.exists(os.path.join(path, "manifest.json"))
         with open(f"{self.log_prefix}.rank{rank}.log", "a") as f:
-            f.write(f"{phase} {os.path.basename(path)} {committed}\n")
+            f.write(f"{phase} {os.path.basename(path)} {committed} {time.time():.3f}\n")
 
     def pre_commit(self, path: str, **kwargs: Any) -> None:
         self._record("pre_commit", path, kwargs["rank"])
-        if kwargs["rank"] == self.stall_rank:
+        if kwargs["rank"] == self.stall_rank and os.path.basename(path) == self.stall_name:
             time.sleep(self.stall_s)
 
     def post_commit(self, path: str, **kwargs: Any) -> None:
@@ -87,6 +88,7 @@ def main() -> int:
     p.add_argument("--fail-at", type=int, default=None)
     p.add_argument("--stall-rank", type=int, default=None)
     p.add_argument("--stall-s", type=float, default=0.0)
+    p.add_argument("--stall-name", default=None)
     p.add_argument("--barrier-timeout", type=float, default=60.0)
     p.add_argument("--hook-log", default=None)
     p.add_argument("--dump-loaded", default=None)
@@ -101,20 +103,33 @@ def main() -> int:
         callbacks.append(LimitFileSize(args.fail_write_rank, args.fail_at))
     if args.dump_loaded:
         callbacks.append(DumpLoaded(args.dump_loaded))
-    callbacks.append(CheckpointSaver(folder=args.folder, save_interval=args.interval, run_name="ddp"))
-    hooks = [RecordingHook(args.hook_log, args.stall_rank, args.stall_s)] if args.hook_log else []
+    interval: Any = args.interval
+    if interval == "rank0-callable":  # only rank 0 ever says yes: ranks must follow rank 0's decision
+
+        def interval(trainer: L.Trainer, event: str) -> bool:
+            return trainer.global_rank == 0 and event == "epoch_end"
+
+    callbacks.append(CheckpointSaver(folder=args.folder, save_interval=interval, run_name="ddp"))
+    hooks = [RecordingHook(args.hook_log, args.stall_rank, args.stall_name, args.stall_s)] if args.hook_log else []
     io = ShardedCheckpointIO(barrier_timeout_s=args.barrier_timeout, writer_hooks=hooks)
     trainer = build_trainer(
         os.path.dirname(args.folder.rstrip("/")),
         max_epochs=args.epochs,
         callbacks=callbacks,
         plugins=[io],
-        strategy="ddp",
+        # One gradient bucket per parameter: DDP rebuilds its bucket layout after the first step of
+        # every process, so with 3+ ranks a resumed run would otherwise sum gradients in a different
+        # float order than an uninterrupted one (2 ranks are exact either way).
+        strategy=DDPStrategy(bucket_cap_mb=1e-6),
         devices=args.devices,
         num_nodes=args.num_nodes,
     )
     model = TinyRegressor()
-    trainer.fit(model, ckpt_path=args.ckpt_path or ("last" if args.resume else None))
+    try:
+        trainer.fit(model, ckpt_path=args.ckpt_path or ("last" if args.resume else None))
+    except Exception as err:
+        print(f"FAILED rank={trainer.global_rank} at={time.time():.3f}: {err}", file=sys.stderr, flush=True)
+        raise
     if args.save_weights and trainer.global_rank == 0:
         torch.save(state_of(model), args.save_weights)
     return 0
