@@ -148,6 +148,11 @@ class CheckpointSaver(Checkpoint):
         self._io: ShardedCheckpointIO | None = None
         _lightning.install_last_resolver()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a ``ddp_spawn`` worker: a fresh interpreter needs the ``"last"`` hook too."""
+        self.__dict__.update(state)
+        _lightning.install_last_resolver()
+
     @property
     @override
     def state_key(self) -> str:
@@ -183,11 +188,17 @@ class CheckpointSaver(Checkpoint):
         """Path of the best checkpoint by ``monitor`` (``""`` without one), for ``ckpt_path="best"``."""
         scored = [r for r in self._records if r.metric is not None]
         if not scored or self._folder is None:
-            return ""
+            return self._best_from_workers
         pick = min if self.mode == "min" else max
         return os.path.join(self._folder, pick(scored, key=lambda r: r.metric or 0.0).name)
 
+    @best_model_path.setter
+    def best_model_path(self, path: str) -> None:
+        """Lightning's ``ddp_spawn`` launcher hands the workers' answer back to the main process."""
+        self._best_from_workers = path
+
     _folder: str | None = None
+    _best_from_workers: str = ""
 
     # -- Lightning hooks -------------------------------------------------------------------------
     @override

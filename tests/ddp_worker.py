@@ -77,6 +77,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--folder", required=True)
     p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--spawn", action="store_true", help="Lightning's ddp_spawn instead of torchrun's processes")
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--interval", default="1ep")
@@ -120,7 +121,7 @@ def main() -> int:
         # One gradient bucket per parameter: DDP rebuilds its bucket layout after the first step of
         # every process, so with 3+ ranks a resumed run would otherwise sum gradients in a different
         # float order than an uninterrupted one (2 ranks are exact either way).
-        strategy=DDPStrategy(bucket_cap_mb=1e-6),
+        strategy=DDPStrategy(bucket_cap_mb=1e-6, start_method="spawn" if args.spawn else "popen"),
         devices=args.devices,
         num_nodes=args.num_nodes,
     )
@@ -130,7 +131,7 @@ def main() -> int:
     except Exception as err:
         print(f"FAILED rank={trainer.global_rank} at={time.time():.3f}: {err}", file=sys.stderr, flush=True)
         raise
-    if args.save_weights and trainer.global_rank == 0:
+    if args.save_weights and trainer.global_rank == 0:  # with ddp_spawn: the main process, weights sent back
         torch.save(state_of(model), args.save_weights)
     return 0
 

@@ -169,6 +169,23 @@ def test_two_nodes_with_separate_local_folders_resume_after_a_node_dies(tmp_path
     assert _equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
 
 
+def test_ddp_spawn_saves_collectively_and_resumes(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
+    base = [sys.executable, WORKER, "--spawn", "--devices", "2", "--folder", str(tmp_path / "ckpts")]
+    first = subprocess.run([*base, "--epochs", "1"], capture_output=True, text=True, timeout=180, env=env, check=False)
+    _ok(first)
+    files = json.loads((tmp_path / "ckpts" / "ep0-ba4" / "manifest.json").read_text())["files"]
+    assert sorted(f["rank"] for f in files if f["name"].startswith("shard-")) == [0, 1]
+    second = subprocess.run(
+        [*base, "--epochs", "2", "--resume", "--save-weights", str(tmp_path / "w.pt")],
+        capture_output=True, text=True, timeout=180, env=env, check=False,
+    )  # fmt: skip
+    _ok(second)
+    assert _committed(tmp_path / "ckpts") == ["ep0-ba4", "ep1-ba8"]
+    assert _equal(torch.load(tmp_path / "w.pt"), read_checkpoint(str(tmp_path / "ckpts" / "ep1-ba8"))["state_dict"])
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".temp")], "spawn's weight hand-off was cleaned up"
+
+
 def _failure_lines(
     results: Sequence[subprocess.CompletedProcess[str]] | subprocess.CompletedProcess[str],
 ) -> dict[int, str]:
