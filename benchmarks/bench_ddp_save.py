@@ -28,10 +28,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_save_load import make_state, raw_write, tensors_of  # noqa: E402
+from bench_save_load import make_state, raw_write, tensors_of
 
-from lightning_ckpt import ShardedCheckpointIO  # noqa: E402
-from lightning_ckpt.sharding import assign_by_bytes  # noqa: E402
+from lightning_ckpt import ShardedCheckpointIO
+from lightning_ckpt.sharding import assign_by_bytes
 
 
 def _rank_main(rank: int, world: int, port: int, gib: float, reps: int, work: str, out: str) -> None:
@@ -98,7 +98,8 @@ def main() -> None:
         med[world] = save
         print(
             f"| {world} | {save:.2f} ({min(times['save_collective']):.2f}-{max(times['save_collective']):.2f})"
-            f" | {nbytes / 1e9 / save:.2f} | {raw:.2f} ({min(times['raw']):.2f}-{max(times['raw']):.2f}) | {save / raw:.2f}x |"
+            f" | {nbytes / 1e9 / save:.2f} | {raw:.2f} ({min(times['raw']):.2f}-{max(times['raw']):.2f})"
+            f" | {save / raw:.2f}x |"
         )
     print(f"\n2 ranks in parallel vs 1 rank: {med[1] / med[2]:.2f}x faster")
 

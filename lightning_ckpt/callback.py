@@ -27,7 +27,8 @@ from typing_extensions import override
 
 from lightning_ckpt import _lightning, layout
 from lightning_ckpt.discovery import list_committed
-from lightning_ckpt.errors import ConfigError, FolderConflictError
+from lightning_ckpt.dist import Exchange
+from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, FolderConflictError
 from lightning_ckpt.interval import Event, SavePoint, SaveSchedule, parse_save_interval
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.plugin import ShardedCheckpointIO
@@ -72,7 +73,7 @@ class CheckpointSaver(Checkpoint):
         filename: the name of one checkpoint directory, e.g. ``"ep{epoch}-ba{batch}"`` or
             ``"step{batch:06d}-loss{val_loss:.3f}"``.
         latest_filename: name of the ``latest`` symlink (and ``<name>.symlink`` pointer file);
-            ``None`` disables both.
+            may use the dist variables (``"latest-rank{rank}"``); ``None`` disables both.
         save_interval: ``"1ep"``, ``"500ba"``, ``"30min"``, an int (epochs), a ``timedelta``, or a
             callable ``(trainer, event) -> bool``.
         overwrite: allow a folder that already has checkpoints newer than the point training
@@ -118,9 +119,13 @@ class CheckpointSaver(Checkpoint):
             raise ConfigError(
                 "filename", filename, "'ep{epoch}-ba{batch}'", "one checkpoint is one directory in folder"
             )
-        if latest_filename is not None and not layout.is_plain_name(latest_filename):
-            raise ConfigError("latest_filename", latest_filename, "'latest' or None")
-        self.latest_filename = latest_filename
+        if latest_filename is not None and (not isinstance(latest_filename, str) or "/" in latest_filename):
+            raise ConfigError("latest_filename", latest_filename, "'latest', 'latest-rank{rank}' or None")
+        self.latest_filename = (
+            NameFormat(latest_filename, argument="latest_filename", allow_progress=False, allow_metrics=False)
+            if latest_filename is not None
+            else None
+        )
         self.save_interval: SaveSchedule = parse_save_interval(save_interval)
         self.overwrite = _check_bool("overwrite", overwrite)
         self.weights_only = _check_bool("weights_only", weights_only)
@@ -175,13 +180,37 @@ class CheckpointSaver(Checkpoint):
         storage, folder = self._storage(trainer)
         if storage.isfile(folder):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
-        mine = [(n, m) for n, m in list_committed(storage, folder) if self.filename.parse(n) is not None]
+        mine = [(n, m) for n, m in list_committed(storage, folder) if self._is_mine(n, trainer)]
         if not mine:
             return None
         name, manifest = mine[-1]
-        if trainer.world_size > 1:  # the folder: ranks agree on the newest common one when loading
+        if trainer.world_size > 1:  # the process group is not up yet: ranks agree in setup()
+            self._agree_in_setup = True
             return storage.url(folder), manifest.created
         return storage.url(storage.join(folder, name)), manifest.created
+
+    def _agree_on_last(self, trainer: Trainer, io: ShardedCheckpointIO) -> None:
+        """Every rank resumes from the newest step that *every* rank has committed (node-local disks
+        can differ if a job died mid-commit); each rank loads its own checkpoint of that step."""
+        storage, folder = self._storage(trainer)
+        mine = {m.global_step: n for n, m in list_committed(storage, folder) if self._is_mine(n, trainer)}
+        exchange = Exchange.current(prefix=f"saver-{self.state_key}/last", timeout_s=io.barrier_timeout_s)
+        views = exchange.barrier("committed-steps", payload=sorted(mine))
+        common = set.intersection(*(set(view) for view in views.values()))
+        if not common:
+            raise CheckpointNotFoundError(
+                f'ckpt_path="last": no step is committed on every rank (this rank\'s folder {storage.url(folder)}'
+                f" has steps {sorted(mine)}); resume from an explicit checkpoint or a folder every rank can read"
+            )
+        io.redirect(storage.url(folder), storage.url(storage.join(folder, mine[max(common)])))
+
+    def _is_mine(self, name: str, trainer: Trainer) -> bool:
+        """A checkpoint this saver on this rank wrote: the name parses, with this rank's dist values."""
+        parsed = self.filename.parse(name)
+        if parsed is None:
+            return False
+        own = layout.dist_values(self.run_name, _lightning.rank_info(trainer))
+        return all(parsed[key] == value for key, value in own.items() if key in parsed)
 
     @property
     def best_model_path(self) -> str:
@@ -198,6 +227,7 @@ class CheckpointSaver(Checkpoint):
         self._best_from_workers = path
 
     _folder: str | None = None
+    _agree_in_setup: bool = False
     _best_from_workers: str = ""
 
     # -- Lightning hooks -------------------------------------------------------------------------
@@ -208,11 +238,14 @@ class CheckpointSaver(Checkpoint):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
         self._folder = folder
         self._io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
+        if self._agree_in_setup:
+            self._agree_in_setup = False
+            self._agree_on_last(trainer, self._io)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         storage, folder = self._storage(trainer)
-        self._records = scan_records(storage, folder, self.filename)
+        self._records = [r for r in scan_records(storage, folder, self.filename) if self._is_mine(r.name, trainer)]
         loaded = self._io.loaded_path if self._io is not None and trainer.ckpt_path else None
         resumed = loaded or (str(trainer.ckpt_path) if trainer.ckpt_path else None)
         self._resumed_from = os.path.basename(os.path.normpath(resumed)) if resumed else None
@@ -281,10 +314,12 @@ class CheckpointSaver(Checkpoint):
         elif self.ignore_keys:
             drop_paths(checkpoint, self.ignore_keys)
         assert self._io is not None, "CheckpointSaver.save() runs inside trainer.fit()"
+        rank = _lightning.rank_info(trainer)
+        latest = self.latest_filename.render(run_name=self.run_name, rank=rank) if self.latest_filename else None
         result = self._io.save_collective(
             checkpoint,
             storage.join(folder, name),
-            latest_filename=self.latest_filename,
+            latest_filename=latest,
             metadata={METRIC_KEY: metric} if metric is not None else {},
         )
         if result.leader:

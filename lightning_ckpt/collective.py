@@ -141,11 +141,14 @@ def collective_save(
     """
     storage, target = Storage.open(path, storage_options)
     folder, name = storage.dirname(target), storage.basename(target)
-    plans = exchange.barrier("plan", payload=storage.url(target))
+    plans = exchange.barrier("plan", payload=[storage.url(target), latest_filename])
     if previous is not None:
         previous.cleanup()
-    group = [r for r in sorted(peers) if plans.get(r) == plans[exchange.rank]] or [exchange.rank]
+    group = [r for r in sorted(peers) if r in plans and plans[r][0] == plans[exchange.rank][0]] or [exchange.rank]
     index, leader = group.index(exchange.rank), group[0]
+    # Several groups in one folder (``{rank}`` in the name) may share a pointer name: the lowest one moves it.
+    same_pointer = [r for r in peers if r in plans and plans[r][1] == latest_filename] or [exchange.rank]
+    pointer = latest_filename if leader == min(same_pointer) else None
     skeleton, tensors = split_tensors(dict(checkpoint))
     mine = assign_by_bytes({k: t.numel() * t.element_size() for k, t in tensors.items()}, len(group))[index]
     staged = ""
@@ -171,7 +174,7 @@ def collective_save(
     commit_error: BaseException | None = None
     if exchange.rank == leader:
         try:
-            _commit(storage, folder, name, staged, checkpoint, group, written, latest_filename, metadata)
+            _commit(storage, folder, name, staged, checkpoint, group, written, pointer, metadata)
             for hook in hooks:
                 hook.post_commit(storage.url(target), rank=exchange.rank)
         except Exception as err:

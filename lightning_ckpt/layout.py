@@ -64,6 +64,7 @@ __all__ = [
     "NameFormat",
     "Progress",
     "RankInfo",
+    "dist_values",
     "is_hidden_name",
     "is_partial_dirname",
     "is_plain_name",
@@ -232,7 +233,7 @@ class NameFormat:
         return self._placeholders - DIST_VARIABLES - PROGRESS_VARIABLES
 
     def _values(self, run_name: str, rank: RankInfo, progress: Progress | None) -> dict[str, object]:
-        values = _dist_values(run_name, rank)
+        values = dist_values(run_name, rank)
         needs_progress = self._placeholders - DIST_VARIABLES
         if needs_progress and progress is None:
             raise self._fail(f"{sorted(needs_progress)} need training progress, which is not known here")
@@ -308,7 +309,7 @@ class NameFormat:
             ...     run_name="bert", rank=RankInfo(rank=1)).pattern
             'bert-r1-ep{epoch}'
         """
-        values = _dist_values(run_name, rank)
+        values = dist_values(run_name, rank)
         parts: list[str] = []
         for piece in self._pieces:
             if isinstance(piece, str):
@@ -330,7 +331,13 @@ class NameFormat:
         return f"NameFormat({self._pattern!r}, argument={self._argument!r})"
 
 
-def _dist_values(run_name: str, rank: RankInfo) -> dict[str, object]:
+def dist_values(run_name: str, rank: RankInfo) -> dict[str, object]:
+    """The values of the dist variables for one rank.
+
+    Example:
+        >>> dist_values("r", RankInfo(rank=3, world_size=4))["rank"]
+        3
+    """
     return {
         "run_name": run_name,
         "rank": rank.rank,

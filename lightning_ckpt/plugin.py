@@ -104,6 +104,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self._nonce: str | None = None
         self._peers: dict[str, list[int]] = {}
         self._previous: Exchange | None = None
+        self._redirects: dict[str, str] = {}
         self.loaded_path: str | None = None
 
     def __repr__(self) -> str:
@@ -152,6 +153,10 @@ class ShardedCheckpointIO(CheckpointIO):
             hooks=self.writer_hooks,
         )
 
+    def redirect(self, path: str, checkpoint: str) -> None:
+        """Load ``checkpoint`` the next time ``path`` is loaded (the saver's agreed ``"last"``)."""
+        self._redirects[path] = checkpoint
+
     def _agree_on_newest(self, resolved: Resolved) -> Resolved:
         """With several ranks, pick the newest checkpoint committed in *every* rank's folder."""
         exchange = Exchange.current(prefix=f"{self._namespace}/load{self._loads}", timeout_s=self.barrier_timeout_s)
@@ -177,8 +182,9 @@ class ShardedCheckpointIO(CheckpointIO):
         self, path: Any, map_location: MapLocation = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Load a checkpoint directory, folder (newest committed), pointer, URL or legacy ``.ckpt`` file."""
-        resolved = resolve(os.fspath(path), self.storage_options)
-        if resolved.from_folder:
+        redirected = self._redirects.pop(os.fspath(path), None)
+        resolved = resolve(redirected or os.fspath(path), self.storage_options)
+        if resolved.from_folder and redirected is None:
             resolved = self._agree_on_newest(resolved)
         self.loaded_path = resolved.url
         if resolved.kind == "dir":

@@ -81,6 +81,9 @@ def main() -> int:
     p.add_argument("--num-nodes", type=int, default=1)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--interval", default="1ep")
+    p.add_argument("--filename", default="ep{epoch}-ba{batch}")
+    p.add_argument("--latest", default="latest")
+    p.add_argument("--keep", type=int, default=-1)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--ckpt-path", default=None)
     p.add_argument("--kill-rank", type=int, default=None)
@@ -110,7 +113,15 @@ def main() -> int:
         def interval(trainer: L.Trainer, event: str) -> bool:
             return trainer.global_rank == 0 and event == "epoch_end"
 
-    callbacks.append(CheckpointSaver(folder=args.folder, save_interval=interval, run_name="ddp"))
+    saver = CheckpointSaver(
+        folder=args.folder,
+        filename=args.filename,
+        latest_filename=args.latest,
+        save_interval=interval,
+        num_checkpoints_to_keep=args.keep,
+        run_name="ddp",
+    )
+    callbacks.append(saver)
     hooks = [RecordingHook(args.hook_log, args.stall_rank, args.stall_name, args.stall_s)] if args.hook_log else []
     io = ShardedCheckpointIO(barrier_timeout_s=args.barrier_timeout, writer_hooks=hooks)
     trainer = build_trainer(

@@ -169,6 +169,33 @@ def test_two_nodes_with_separate_local_folders_resume_after_a_node_dies(tmp_path
     assert _equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
 
 
+def test_rank_in_names_gives_each_rank_its_own_checkpoints_pointer_and_rotation(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    args = [
+        "--folder",
+        str(folder),
+        "--filename",
+        "ep{epoch}-rank{rank}",
+        "--latest",
+        "latest-rank{rank}",
+        "--keep",
+        "1",
+    ]
+    _ok(run_ddp(2, *args))
+    assert _committed(folder) == ["ep2-rank0", "ep2-rank1"], "rotation kept each rank's newest, nobody else's"
+    for rank in (0, 1):
+        assert os.readlink(folder / f"latest-rank{rank}") == f"ep2-rank{rank}"
+        manifest = json.loads((folder / f"ep2-rank{rank}" / "manifest.json").read_text())
+        assert {f["rank"] for f in manifest["files"]} == {rank}, "each rank wrote a complete checkpoint alone"
+    resumed = run_ddp(2, *args, "--epochs", "4", "--resume", "--dump-loaded", str(tmp_path / "loaded"))
+    _ok(resumed)
+    for rank in (0, 1):
+        expected = read_checkpoint(str(folder / f"ep2-rank{rank}"))["state_dict"]
+        assert _equal(torch.load(tmp_path / f"loaded.rank{rank}.pt"), expected)
+    # each rank's resumed-from checkpoint is protected from rotation for the rest of that run
+    assert _committed(folder) == ["ep2-rank0", "ep2-rank1", "ep3-rank0", "ep3-rank1"]
+
+
 def test_ddp_spawn_saves_collectively_and_resumes(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port())}
     base = [sys.executable, WORKER, "--spawn", "--devices", "2", "--folder", str(tmp_path / "ckpts")]
