@@ -15,10 +15,11 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -33,7 +34,7 @@ from lightning_ckpt.interval import Event, SavePoint, SaveSchedule, parse_save_i
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.plugin import ShardedCheckpointIO
 from lightning_ckpt.policies import CheckpointRecord, build_retention_policy
-from lightning_ckpt.rotation import METRIC_KEY, rotate, scan_records
+from lightning_ckpt.rotation import METRIC_KEY, check_writable, delete_checkpoints, rotate, scan_records
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.tree import drop_paths
 
@@ -87,6 +88,11 @@ class CheckpointSaver(Checkpoint):
         ignore_keys: glob paths (``/``-joined) to drop from the checkpoint dict, or a callable
             that edits the dict in place.
         run_name: fills ``{run_name}``; default: derived from the command line and directory.
+        storage_options: fsspec options for a remote ``folder`` (credentials, endpoint); never logged.
+        local_folder: where checkpoints of a remote ``folder`` are written and committed before they
+            are uploaded in the background; default: a cache directory for that folder.
+        num_concurrent_uploads: files each rank uploads at once (default: the plugin's, 4).
+        upload_timeout_in_seconds: bound on waiting for uploads (default: the plugin's, 3600).
     """
 
     def __init__(
@@ -105,6 +111,10 @@ class CheckpointSaver(Checkpoint):
         weights_only: bool = False,
         ignore_keys: IgnoreKeys = None,
         run_name: str | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        local_folder: str | os.PathLike[str] | None = None,
+        num_concurrent_uploads: int | None = None,
+        upload_timeout_in_seconds: float | None = None,
     ) -> None:
         if folder is not None and not isinstance(folder, (str, os.PathLike)):
             raise ConfigError("folder", folder, "'/data/runs/{run_name}/checkpoints'")
@@ -147,6 +157,17 @@ class CheckpointSaver(Checkpoint):
         if run_name is not None and (not isinstance(run_name, str) or not layout.is_plain_name(run_name)):
             raise ConfigError("run_name", run_name, "'llama-ft-7'")
         self.run_name = run_name or _lightning.default_run_name()
+        if storage_options is not None and not isinstance(storage_options, Mapping):
+            raise ConfigError("storage_options", "<hidden>", "{'key': ..., 'secret': ..., 'client_kwargs': {...}}",
+                              f"It must be a dict of fsspec options, not {type(storage_options).__name__}")  # fmt: skip
+        self.storage_options = dict(storage_options or {})
+        self.local_folder = os.fspath(local_folder) if local_folder is not None else None
+        for argument, value in (("num_concurrent_uploads", num_concurrent_uploads),
+                                ("upload_timeout_in_seconds", upload_timeout_in_seconds)):  # fmt: skip
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(argument, value, "4" if argument.startswith("num") else "3600")
+        self.num_concurrent_uploads = num_concurrent_uploads
+        self.upload_timeout_in_seconds = upload_timeout_in_seconds
         self._records: list[CheckpointRecord] = []
         self._last_saved_step: int | None = None
         self._resumed_from: str | None = None
@@ -173,7 +194,7 @@ class CheckpointSaver(Checkpoint):
         return self.folder.render(run_name=self.run_name, rank=_lightning.rank_info(trainer))
 
     def _storage(self, trainer: Trainer) -> tuple[Storage, str]:
-        return Storage.open(self.folder_path(trainer))
+        return Storage.open(self.folder_path(trainer), self.storage_options)
 
     def newest_committed(self, trainer: Trainer) -> tuple[str, float] | None:
         """``(path, commit time)`` of the newest committed checkpoint of this saver, or ``None``."""
@@ -238,6 +259,13 @@ class CheckpointSaver(Checkpoint):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
         self._folder = folder
         self._io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
+        if not storage.is_local:
+            self._io.storage_options = {**self._io.storage_options, **self.storage_options}
+            if self.num_concurrent_uploads is not None:
+                self._io.num_concurrent_uploads = int(self.num_concurrent_uploads)
+            if self.upload_timeout_in_seconds is not None:
+                self._io.upload_timeout_s = float(self.upload_timeout_in_seconds)
+            check_writable(storage, folder)
         if self._agree_in_setup:
             self._agree_in_setup = False
             self._agree_on_last(trainer, self._io)
@@ -266,6 +294,11 @@ class CheckpointSaver(Checkpoint):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_save(trainer, Event.EPOCH_END)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._io is not None:
+            self._io.wait_for_uploads()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -316,16 +349,20 @@ class CheckpointSaver(Checkpoint):
         assert self._io is not None, "CheckpointSaver.save() runs inside trainer.fit()"
         rank = _lightning.rank_info(trainer)
         latest = self.latest_filename.render(run_name=self.run_name, rank=rank) if self.latest_filename else None
+        protected = {self._resumed_from} if self._resumed_from else set()
+        doomed = rotate(storage, folder, self._records, self.retention, protected=protected, delete=False)
         result = self._io.save_collective(
             checkpoint,
-            storage.join(folder, name),
+            storage.url(storage.join(folder, name)),
             latest_filename=latest,
             metadata={METRIC_KEY: metric} if metric is not None else {},
+            local_folder=self.local_folder,
+            after_commit=functools.partial(delete_checkpoints, storage, folder, doomed),
         )
         if result.leader:
             log.info("Saved checkpoint %s (epoch %d, step %d)", result.path, progress.epoch, progress.batch)
-        protected = {self._resumed_from} if self._resumed_from else set()
-        rotate(storage, folder, self._records, self.retention, protected=protected, delete=result.leader)
+            if storage.is_local:  # remote folders rotate once the new checkpoint is committed in the store
+                delete_checkpoints(storage, folder, doomed)
         return result.path
 
     @property

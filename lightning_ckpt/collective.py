@@ -58,11 +58,13 @@ class SaveResult:
         path: the committed checkpoint (path or URL).
         group: the ranks that wrote it together (same storage, same path).
         leader: whether this rank committed it (and so owns deletions in its folder).
+        files: the names of the files this rank wrote.
     """
 
     path: str
     group: tuple[int, ...]
     leader: bool
+    files: tuple[str, ...] = ()
 
 
 class WriterHook(abc.ABC):
@@ -154,6 +156,7 @@ def collective_save(
     staged = ""
     error: BaseException | None = None
     payload: dict[str, Any] = {}
+    own: tuple[str, ...] = ()
     try:
         staged = stage_dir(storage, folder, name, token=nonce, leader=exchange.rank == leader)
         shard, entries = write_shard(
@@ -163,6 +166,7 @@ def collective_save(
         for hook in hooks:
             hook.pre_commit(storage.url(target), rank=exchange.rank)
         payload = {"files": [asdict(f) for f in files], "tensors": [asdict(e) for e in entries]}
+        own = tuple(f.name for f in files)
     except Exception as err:  # reported to every rank by the barrier below
         error = err
     try:
@@ -180,7 +184,7 @@ def collective_save(
         except Exception as err:
             commit_error = err
     exchange.barrier("committed", error=commit_error)
-    return SaveResult(path=storage.url(target), group=tuple(group), leader=exchange.rank == leader)
+    return SaveResult(path=storage.url(target), group=tuple(group), leader=exchange.rank == leader, files=own)
 
 
 def _commit(

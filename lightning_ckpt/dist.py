@@ -32,7 +32,17 @@ import torch.distributed as dist
 
 from lightning_ckpt.errors import CheckpointError
 
-__all__ = ["CollectiveError", "Exchange"]
+__all__ = ["CollectiveError", "Exchange", "exchange_rank"]
+
+
+def exchange_rank() -> int:
+    """This process's global rank (0 without a process group).
+
+    Example:
+        >>> exchange_rank()
+        0
+    """
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class CollectiveError(CheckpointError):

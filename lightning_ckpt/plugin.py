@@ -23,14 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from typing_extensions import override
 
+from lightning_ckpt import layout
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import (
     SaveResult,
@@ -41,12 +45,16 @@ from lightning_ckpt.collective import (
     save_checkpoint_dir,
 )
 from lightning_ckpt.discovery import Resolved, list_committed, resolve
-from lightning_ckpt.dist import Exchange
+from lightning_ckpt.dist import Exchange, exchange_rank
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError
 from lightning_ckpt.reader import MapLocation, load_checkpoint_dir
 from lightning_ckpt.storage import Storage
+from lightning_ckpt.transfer import download_checkpoint
+from lightning_ckpt.upload import Uploader, UploadJob
 
 __all__ = ["ShardedCheckpointIO"]
+
+log = logging.getLogger("lightning_ckpt")
 
 
 class ShardedCheckpointIO(CheckpointIO):
@@ -57,6 +65,10 @@ class ShardedCheckpointIO(CheckpointIO):
         verify_checksums: compare each file's CRC32 with the manifest when loading.
         barrier_timeout_s: how long ranks wait for each other during a collective save or load.
         writer_hooks: :class:`~lightning_ckpt.WriterHook` instances called around each collective commit.
+        num_concurrent_uploads: files each rank uploads at once (each one multipart-parallel).
+        upload_timeout_in_seconds: bound on waiting for uploads (per checkpoint, and at fit end).
+        cache_dir: local directory for checkpoints of remote folders (uploads and downloads);
+            default ``~/.cache/lightning_ckpt``.
 
     Example:
         >>> import tempfile, os, torch
@@ -76,6 +88,9 @@ class ShardedCheckpointIO(CheckpointIO):
         verify_checksums: bool = True,
         barrier_timeout_s: float = 600.0,
         writer_hooks: Sequence[WriterHook] = (),
+        num_concurrent_uploads: int = 4,
+        upload_timeout_in_seconds: float = 3600.0,
+        cache_dir: str | None = None,
     ) -> None:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(
@@ -92,8 +107,16 @@ class ShardedCheckpointIO(CheckpointIO):
             raise ConfigError(
                 "writer_hooks", writer_hooks, "[MyHook()] where MyHook subclasses lightning_ckpt.WriterHook"
             )
+        for argument, value in (("num_concurrent_uploads", num_concurrent_uploads),
+                                ("upload_timeout_in_seconds", upload_timeout_in_seconds)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(argument, value, "4" if argument.startswith("num") else "3600")
         self.storage_options = dict(storage_options or {})
         self.verify_checksums = verify_checksums
+        self.num_concurrent_uploads = int(num_concurrent_uploads)
+        self.upload_timeout_s = float(upload_timeout_in_seconds)
+        self.cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lightning_ckpt")
+        self._uploaders: dict[str, Uploader] = {}
         self.barrier_timeout_s = float(barrier_timeout_s)
         self.writer_hooks = list(writer_hooks)
         # Instances are created in the same order on every rank, so this names the same object everywhere.
@@ -129,8 +152,47 @@ class ShardedCheckpointIO(CheckpointIO):
         *,
         latest_filename: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        local_folder: str | None = None,
+        after_commit: Callable[[], None] | None = None,
     ) -> SaveResult:
-        """Save from every rank at once (all ranks must call this together)."""
+        """Save from every rank at once (all ranks must call this together).
+
+        For a remote ``path`` the checkpoint is committed in ``local_folder`` (default: a cache
+        directory for that remote folder) and uploaded in the background; ``after_commit`` runs
+        on the committing rank once it is committed remotely (rotation).
+        """
+        remote_storage, remote_target = Storage.open(os.fspath(path), self.storage_options)
+        if not remote_storage.is_local:
+            remote_folder = remote_storage.dirname(remote_target)
+            local_root = local_folder or self.cache_for(remote_storage.url(remote_folder), "uploads")
+            name = remote_storage.basename(remote_target)
+            result = self.save_collective(
+                checkpoint, os.path.join(local_root, name), latest_filename=latest_filename, metadata=metadata
+            )
+            exchange_store = Exchange.current(prefix="", timeout_s=self.barrier_timeout_s).store
+            uploader = self.uploader(remote_storage.url(remote_folder))
+
+            def committed_remotely() -> None:
+                if after_commit is not None:
+                    after_commit()
+                prune_local_copies(local_root, keep=name, uploaded=uploader.committed)
+
+            uploader.submit(
+                UploadJob(
+                    local_dir=result.path,
+                    name=name,
+                    files=result.files,
+                    commit=result.leader,
+                    members=result.group,
+                    store=exchange_store,
+                    key=f"lightning_ckpt/{self._namespace}/upload{self._saves}",
+                    rank=exchange_rank(),
+                    pointer=latest_filename,
+                    after_commit=committed_remotely,
+                )
+            )
+            return SaveResult(path=remote_storage.url(remote_target), group=result.group, leader=result.leader,
+                              files=result.files)  # fmt: skip
         exchange = Exchange.current(prefix=f"{self._namespace}/save{self._saves}", timeout_s=self.barrier_timeout_s)
         self._saves += 1
         if self._nonce is None:
@@ -152,6 +214,45 @@ class ShardedCheckpointIO(CheckpointIO):
             metadata=metadata,
             hooks=self.writer_hooks,
         )
+
+    def cache_for(self, remote_folder_url: str, kind: str) -> str:
+        """The local cache directory of a remote folder (``kind``: ``"uploads"`` or ``"downloads"``)."""
+        digest = hashlib.sha1(remote_folder_url.encode()).hexdigest()[:16]
+        return os.path.join(self.cache_dir, kind, digest)
+
+    def uploader(self, remote_folder_url: str) -> Uploader:
+        """This rank's background uploader for a remote folder (made on first use)."""
+        if remote_folder_url not in self._uploaders:
+            storage, folder = Storage.open(remote_folder_url, self.storage_options)
+            self._uploaders[remote_folder_url] = Uploader(
+                storage,
+                folder,
+                num_concurrent_uploads=self.num_concurrent_uploads,
+                upload_timeout_s=self.upload_timeout_s,
+            )
+        return self._uploaders[remote_folder_url]
+
+    def wait_for_uploads(self) -> None:
+        """Block until this rank's uploads are done (bounded by ``upload_timeout_in_seconds``); raise their error."""
+        for uploader in list(self._uploaders.values()):
+            uploader.wait()
+
+    def _download(self, resolved: Resolved) -> Resolved:
+        """Copy a remote checkpoint into the local cache once per node (a file lock), then use the copy."""
+        storage = resolved.storage
+        folder_url = storage.url(storage.dirname(resolved.path))
+        name = storage.basename(resolved.path)
+        local = os.path.join(self.cache_for(folder_url, "downloads"), name)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        remote_manifest = storage.read_bytes(storage.join(resolved.path, layout.MANIFEST_FILENAME))
+        with open(local + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            local_manifest = os.path.join(local, layout.MANIFEST_FILENAME)
+            if os.path.exists(local_manifest) and open(local_manifest, "rb").read() == remote_manifest:
+                log.info("Using the local copy of %s", resolved.url)
+                return Resolved(Storage.open(local)[0], local, "dir")
+            download_checkpoint(storage, resolved.path, local, remote_manifest, self.num_concurrent_uploads * 2)
+        return Resolved(Storage.open(local)[0], local, "dir")
 
     def redirect(self, path: str, checkpoint: str) -> None:
         """Load ``checkpoint`` the next time ``path`` is loaded (the saver's agreed ``"last"``)."""
@@ -187,6 +288,8 @@ class ShardedCheckpointIO(CheckpointIO):
         if resolved.from_folder and redirected is None:
             resolved = self._agree_on_newest(resolved)
         self.loaded_path = resolved.url
+        if resolved.kind == "dir" and not resolved.storage.is_local:
+            resolved = self._download(resolved)
         if resolved.kind == "dir":
             return load_checkpoint_dir(
                 resolved.storage,
@@ -210,4 +313,21 @@ class ShardedCheckpointIO(CheckpointIO):
 
     @override
     def teardown(self) -> None:
-        """Nothing runs in the background yet; kept for Lightning's contract."""
+        """Wait (bounded) for background uploads, stop them, and raise an unreported upload error once."""
+        uploaders, self._uploaders = self._uploaders, {}
+        errors = []
+        for uploader in uploaders.values():
+            try:
+                uploader.close()
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+
+def prune_local_copies(local_root: str, *, keep: str, uploaded: Sequence[str]) -> None:
+    """Delete local copies of checkpoints already committed in the store, except ``keep`` (the newest)."""
+    storage, root = Storage.open(local_root)
+    for name in set(uploaded) - {keep}:
+        if storage.exists(storage.join(root, name)):
+            remove_checkpoint_dir(storage, storage.join(root, name))

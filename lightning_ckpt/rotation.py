@@ -23,15 +23,18 @@ Example:
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Collection
 
+from lightning_ckpt import layout
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.discovery import list_committed
+from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.policies import CheckpointRecord, RetentionPolicy, plan_deletions
 from lightning_ckpt.storage import Storage
 
-__all__ = ["METRIC_KEY", "rotate", "scan_records"]
+__all__ = ["METRIC_KEY", "check_writable", "delete_checkpoints", "rotate", "scan_records"]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -74,8 +77,32 @@ def rotate(
     if records:
         keep_always.add(records[-1].name)
     doomed = plan_deletions(records, policy, protected=keep_always)
-    for name in doomed if delete else ():
-        log.info("Removing old checkpoint %s", storage.url(storage.join(folder, name)))
-        remove_checkpoint_dir(storage, storage.join(folder, name))
+    if delete:
+        delete_checkpoints(storage, folder, doomed)
     records[:] = [r for r in records if r.name not in set(doomed)]
     return doomed
+
+
+def delete_checkpoints(storage: Storage, folder: str, names: Collection[str]) -> None:
+    """Delete checkpoints of ``folder`` by name, each manifest first (a half-deleted one never looks committed)."""
+    for name in names:
+        log.info("Removing old checkpoint %s", storage.url(storage.join(folder, name)))
+        remove_checkpoint_dir(storage, storage.join(folder, name))
+
+
+def check_writable(storage: Storage, folder: str) -> None:
+    """Fail fast, before training, when ``folder`` cannot be written: write and delete a small object.
+
+    Raises:
+        CheckpointError: naming the URL and the underlying error.
+    """
+    probe = storage.join(folder, layout.probe_filename(uuid.uuid4().hex[:12], 0))
+    try:
+        storage.makedirs(folder)
+        storage.write_bytes_atomic(probe, b"")
+        storage.remove_file(probe)
+    except Exception as err:
+        raise CheckpointError(
+            f"folder={storage.url(folder)!r} is not writable ({type(err).__name__}: {err}); check the bucket"
+            " name, credentials and storage_options"
+        ) from err

@@ -25,12 +25,23 @@ import os
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from lightning_ckpt import layout
+from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.storage import Storage
 
-__all__ = ["RetryPolicy", "get_file", "is_transient", "put_file", "with_retries"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "RetryPolicy",
+    "download_checkpoint",
+    "get_file",
+    "is_transient",
+    "put_file",
+    "with_retries",
+]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -38,6 +49,7 @@ T = TypeVar("T")
 PART_BYTES = 64 * 1024 * 1024
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                     "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}  # fmt: skip
+_TRANSIENT_TEXT = ("SlowDown", "503", "Service Unavailable", "Please reduce your request rate")
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ETIMEDOUT}
 
 
@@ -68,6 +80,9 @@ class RetryPolicy:
         return base * rng.uniform(0.75, 1.25)
 
 
+DEFAULT_POLICY = RetryPolicy()
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether retrying ``error`` may help: server errors, throttling, timeouts, dropped connections.
 
@@ -95,7 +110,9 @@ def is_transient(error: BaseException) -> bool:
                     "ResponseStreamingError", "ServerTimeoutError"}:  # fmt: skip
             return True
         text = str(current)
-        if any(marker in text for marker in ("SlowDown", "503", "Service Unavailable", "Please reduce your request rate")):
+        if any(
+            marker in text for marker in ("SlowDown", "503", "Service Unavailable", "Please reduce your request rate")
+        ):
             return True
         current = current.__cause__ or current.__context__
     return False
@@ -105,7 +122,7 @@ def with_retries(
     action: Callable[[], T],
     *,
     what: str,
-    policy: RetryPolicy = RetryPolicy(),
+    policy: RetryPolicy = DEFAULT_POLICY,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     rng: random.Random | None = None,
@@ -135,7 +152,12 @@ def _transfer_options(storage: Storage, size: int, max_concurrency: int) -> dict
 
 
 def put_file(
-    storage: Storage, local_path: str, remote_path: str, *, max_concurrency: int = 8, policy: RetryPolicy = RetryPolicy()
+    storage: Storage,
+    local_path: str,
+    remote_path: str,
+    *,
+    max_concurrency: int = 8,
+    policy: RetryPolicy = DEFAULT_POLICY,
 ) -> None:
     """Upload one local file to ``remote_path``, parts in parallel, retrying transient failures."""
     options = _transfer_options(storage, os.path.getsize(local_path), max_concurrency)
@@ -144,7 +166,12 @@ def put_file(
 
 
 def get_file(
-    storage: Storage, remote_path: str, local_path: str, *, max_concurrency: int = 8, policy: RetryPolicy = RetryPolicy()
+    storage: Storage,
+    remote_path: str,
+    local_path: str,
+    *,
+    max_concurrency: int = 8,
+    policy: RetryPolicy = DEFAULT_POLICY,
 ) -> None:
     """Download one file to a hidden temporary name next to ``local_path``, then rename it into place."""
     directory = os.path.dirname(local_path) or "."
@@ -158,3 +185,30 @@ def get_file(
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def download_checkpoint(
+    storage: Storage, remote_dir: str, local_dir: str, manifest_bytes: bytes, workers: int = 8
+) -> None:
+    """Download every file a manifest lists, in parallel, then write the manifest last (the local commit)."""
+    manifest = Manifest.from_json(
+        manifest_bytes, source=storage.url(storage.join(remote_dir, layout.MANIFEST_FILENAME))
+    )
+    os.makedirs(local_dir, exist_ok=True)
+    local_manifest = os.path.join(local_dir, layout.MANIFEST_FILENAME)
+    if os.path.exists(local_manifest):
+        os.unlink(local_manifest)  # un-commit an outdated copy before overwriting its files
+    start = time.monotonic()
+    size_mb = manifest.total_bytes / 1e6
+    log.info("Downloading %s (%d files, %.1f MB)", storage.url(remote_dir), len(manifest.files), size_mb)
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(manifest.files)))) as pool:
+        futures = [
+            pool.submit(get_file, storage, storage.join(remote_dir, f.name), os.path.join(local_dir, f.name))
+            for f in manifest.files
+        ]
+        for done, future in enumerate(futures, 1):
+            future.result()
+            log.info("Downloaded %d/%d files of %s", done, len(futures), manifest.name)
+    Storage.open(local_dir)[0].write_bytes_atomic(local_manifest, manifest_bytes)
+    elapsed = time.monotonic() - start
+    log.info("Downloaded %s in %.2f s (%.1f MB/s)", manifest.name, elapsed, size_mb / max(elapsed, 1e-9))

@@ -1,0 +1,232 @@
+"""Background upload of locally committed checkpoints to an object store; the remote commit.
+
+One :class:`Uploader` per rank. After a checkpoint is committed locally, every rank hands its
+own files to its uploader. The jobs run on one background thread, one checkpoint after another,
+each uploading ``num_concurrent_uploads`` files at once (each file multipart-parallel, retried;
+see :mod:`lightning_ckpt.transfer`). Then:
+
+1. (every rank) report "uploaded" or the error under a store key of this checkpoint;
+2. (the committing rank) wait for every member's report, upload ``manifest.json`` last
+   (the remote commit: readers never see a half-uploaded checkpoint as committed), then the
+   ``latest.symlink`` pointer, then run the queued rotation (deletions only after the new
+   checkpoint is committed remotely).
+
+No collective runs on the background thread: ranks talk only through the key-value store.
+Errors keep their type and are raised once on the training thread by :meth:`Uploader.check`
+(at the next save), :meth:`Uploader.wait` (fit end) or :meth:`Uploader.close` (teardown).
+
+Example:
+    >>> import os, tempfile, torch
+    >>> from lightning_ckpt.collective import save_checkpoint_dir
+    >>> local = save_checkpoint_dir({"w": torch.ones(2), "global_step": 1}, os.path.join(tempfile.mkdtemp(), "ba1"))
+    >>> storage, remote = Storage.open("memory://upload-doc/run")
+    >>> up = Uploader(storage, remote, upload_timeout_s=30)
+    >>> _ = up.submit(UploadJob(local_dir=local, name="ba1", files=sorted(os.listdir(local)), commit=True,
+    ...                         pointer="latest"))
+    >>> up.wait(); up.close()
+    >>> storage.read_bytes(storage.join(remote, "latest.symlink"))
+    b'ba1'
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from lightning_ckpt import layout
+from lightning_ckpt.storage import Storage
+from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, put_file, with_retries
+
+__all__ = ["UploadError", "UploadJob", "Uploader"]
+
+log = logging.getLogger("lightning_ckpt")
+
+
+class UploadError(RuntimeError):
+    """Another rank's upload failed, or did not report within the upload timeout."""
+
+
+@dataclass
+class UploadJob:
+    """One checkpoint's upload from this rank.
+
+    Attributes:
+        local_dir: the locally committed checkpoint directory.
+        name: the checkpoint's name (its directory name remotely too).
+        files: the names of this rank's files to upload (the manifest is never among them).
+        commit: whether this rank uploads the manifest and pointer once every member is done.
+        members: global ranks whose uploads must finish first (the writer group).
+        store: the process group's key-value store (``None`` single-process).
+        key: the store namespace of this checkpoint's reports (same on every member).
+        rank: this rank.
+        pointer: the pointer file name to update after the commit (``None``: none).
+        after_commit: work to run once committed remotely (rotation); committing rank only.
+    """
+
+    local_dir: str
+    name: str
+    files: Sequence[str]
+    commit: bool
+    members: Sequence[int] = (0,)
+    store: Any = None
+    key: str = ""
+    rank: int = 0
+    pointer: str | None = None
+    after_commit: Callable[[], None] | None = None
+
+
+class Uploader:
+    """Uploads checkpoints in the background, in order, and reports errors on the training thread.
+
+    Args:
+        storage: the remote storage.
+        remote_folder: the remote checkpoint folder.
+        num_concurrent_uploads: files uploaded at once.
+        upload_timeout_s: bound on waiting for one checkpoint's uploads (all ranks) and on ``wait``.
+        policy: retry policy for each file.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        remote_folder: str,
+        *,
+        num_concurrent_uploads: int = 4,
+        upload_timeout_s: float = 3600.0,
+        policy: RetryPolicy = DEFAULT_POLICY,
+    ) -> None:
+        self.storage, self.remote_folder = storage, remote_folder
+        self.num_concurrent_uploads, self.upload_timeout_s, self.policy = (
+            num_concurrent_uploads,
+            upload_timeout_s,
+            policy,
+        )
+        self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-upload")
+        self._files = ThreadPoolExecutor(max_workers=num_concurrent_uploads, thread_name_prefix="lightning_ckpt-put")
+        self._pending: list[Future[None]] = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self.committed: list[str] = []
+
+    def submit(self, job: UploadJob) -> Future[None]:
+        """Queue ``job``; raises first if an earlier upload failed (the error is reported once)."""
+        self.check()
+        future = self._jobs.submit(self._run, job)
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()] + [future]
+        return future
+
+    def check(self) -> None:
+        """Raise the first background error not yet reported (with its own type)."""
+        with self._lock:
+            if self._errors:
+                error, self._errors = self._errors[0], []
+                raise error
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        """Block until every queued upload finished (or the timeout), logging progress; then :meth:`check`."""
+        deadline = time.monotonic() + (self.upload_timeout_s if timeout_s is None else timeout_s)
+        with self._lock:
+            pending = list(self._pending)
+        if pending:
+            log.info("Waiting for %d checkpoint upload(s) to %s", len(pending), self.storage.url(self.remote_folder))
+        for future in pending:
+            remaining = deadline - time.monotonic()
+            try:
+                future.result(timeout=max(0.0, remaining))
+            except TimeoutError:
+                with self._lock:
+                    self._errors.append(
+                        TimeoutError(
+                            f"checkpoint uploads to {self.storage.url(self.remote_folder)} did not finish"
+                            f" within {self.upload_timeout_s:g} s (upload_timeout_in_seconds)"
+                        )
+                    )
+                break
+            except Exception:
+                continue  # recorded by _run
+        self.check()
+
+    def close(self) -> None:
+        """Wait for pending uploads (bounded), stop the threads, raise any unreported error."""
+        try:
+            self.wait()
+        finally:
+            self._jobs.shutdown(wait=False, cancel_futures=True)
+            self._files.shutdown(wait=False, cancel_futures=True)
+
+    # -- background thread ---------------------------------------------------------------------
+    def _run(self, job: UploadJob) -> None:
+        try:
+            self._upload_files(job)
+            self._report(job, "ok")
+            if job.commit:
+                self._await_members(job)
+                self._commit(job)
+                if job.after_commit is not None:
+                    job.after_commit()
+        except BaseException as err:
+            if job.store is not None and not job.commit:
+                self._report(job, f"{type(err).__name__}: {err}")
+            with self._lock:
+                self._errors.append(err)
+            log.error("Upload of checkpoint %s failed: %s: %s", job.name, type(err).__name__, err)
+            raise
+
+    def _remote(self, job: UploadJob, name: str) -> str:
+        return self.storage.join(self.remote_folder, job.name, name)
+
+    def _upload_files(self, job: UploadJob) -> None:
+        start = time.monotonic()
+        futures = [
+            self._files.submit(
+                put_file, self.storage, os.path.join(job.local_dir, name), self._remote(job, name), policy=self.policy
+            )
+            for name in job.files
+        ]
+        for future in futures:
+            future.result()
+        size = sum(os.path.getsize(os.path.join(job.local_dir, n)) for n in job.files)
+        log.info("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6,
+                 time.monotonic() - start)  # fmt: skip
+
+    def _report(self, job: UploadJob, status: str) -> None:
+        if job.store is not None:
+            job.store.set(f"{job.key}/{job.rank}", status)
+
+    def _await_members(self, job: UploadJob) -> None:
+        if job.store is None:
+            return
+        keys = [f"{job.key}/{r}" for r in job.members]
+        try:
+            job.store.wait(keys, timedelta(seconds=self.upload_timeout_s))
+        except RuntimeError as err:
+            missing = [r for r, k in zip(job.members, keys, strict=True) if not job.store.check([k])]
+            raise UploadError(
+                f"checkpoint {job.name}: rank(s) {missing} did not finish uploading within {self.upload_timeout_s:g} s"
+            ) from err
+        failed = {r: job.store.get(k).decode() for r, k in zip(job.members, keys, strict=True)}
+        failed = {r: s for r, s in failed.items() if s != "ok"}
+        if failed:
+            raise UploadError(f"checkpoint {job.name}: upload failed on rank(s) {sorted(failed)}: {failed}")
+
+    def _commit(self, job: UploadJob) -> None:
+        manifest = os.path.join(job.local_dir, layout.MANIFEST_FILENAME)
+        with open(manifest, "rb") as f:
+            data = f.read()
+        target = self._remote(job, layout.MANIFEST_FILENAME)
+        with_retries(lambda: self.storage.fs.pipe_file(target, data), what=f"upload of {target}", policy=self.policy)
+        if job.pointer is not None:
+            pointer = self.storage.join(self.remote_folder, layout.pointer_filename(job.pointer))
+            with_retries(lambda: self.storage.fs.pipe_file(pointer, job.name.encode()), what=f"upload of {pointer}",
+                         policy=self.policy)  # fmt: skip
+        with self._lock:
+            self.committed.append(job.name)
+        log.info("Committed checkpoint %s in %s", job.name, self.storage.url(self.remote_folder))
