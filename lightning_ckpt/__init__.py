@@ -21,6 +21,7 @@ from lightning_ckpt.errors import (
 from lightning_ckpt.interval import Event, SaveSchedule
 from lightning_ckpt.plugin import ShardedCheckpointIO
 from lightning_ckpt.reader import read_checkpoint
+from lightning_ckpt.transfer import RetryPolicy
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "CorruptCheckpointError",
     "Event",
     "FolderConflictError",
+    "RetryPolicy",
     "SaveSchedule",
     "ShardedCheckpointIO",
     "WriterHook",

@@ -49,7 +49,7 @@ from lightning_ckpt.dist import Exchange, exchange_rank
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError
 from lightning_ckpt.reader import MapLocation, load_checkpoint_dir
 from lightning_ckpt.storage import Storage
-from lightning_ckpt.transfer import download_checkpoint
+from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, download_checkpoint
 from lightning_ckpt.upload import Uploader, UploadJob
 
 __all__ = ["ShardedCheckpointIO"]
@@ -69,6 +69,8 @@ class ShardedCheckpointIO(CheckpointIO):
         upload_timeout_in_seconds: bound on waiting for uploads (per checkpoint, and at fit end).
         cache_dir: local directory for checkpoints of remote folders (uploads and downloads);
             default ``~/.cache/lightning_ckpt``.
+        upload_retry: how transient upload failures are retried (default ``RetryPolicy()``: 8 tries,
+            exponential backoff from 0.5 s).
 
     Example:
         >>> import tempfile, os, torch
@@ -91,6 +93,7 @@ class ShardedCheckpointIO(CheckpointIO):
         num_concurrent_uploads: int = 4,
         upload_timeout_in_seconds: float = 3600.0,
         cache_dir: str | None = None,
+        upload_retry: RetryPolicy | None = None,
     ) -> None:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(
@@ -117,6 +120,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self.upload_timeout_s = float(upload_timeout_in_seconds)
         self.cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lightning_ckpt")
         self._uploaders: dict[str, Uploader] = {}
+        self.upload_retry = upload_retry or DEFAULT_POLICY
         self.barrier_timeout_s = float(barrier_timeout_s)
         self.writer_hooks = list(writer_hooks)
         # Instances are created in the same order on every rank, so this names the same object everywhere.
@@ -229,6 +233,7 @@ class ShardedCheckpointIO(CheckpointIO):
                 folder,
                 num_concurrent_uploads=self.num_concurrent_uploads,
                 upload_timeout_s=self.upload_timeout_s,
+                policy=self.upload_retry,
             )
         return self._uploaders[remote_folder_url]
 

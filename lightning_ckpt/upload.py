@@ -173,6 +173,10 @@ class Uploader:
                 if job.after_commit is not None:
                     job.after_commit()
         except BaseException as err:
+            err.add_note(
+                f"lightning_ckpt: while uploading checkpoint {job.name} to {self.storage.url(self.remote_folder)};"
+                f" its local committed copy is kept in {job.local_dir}"
+            )
             if job.store is not None and not job.commit:
                 self._report(job, f"{type(err).__name__}: {err}")
             with self._lock:

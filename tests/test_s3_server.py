@@ -13,14 +13,15 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import pytest
 
-from tests.s3_server import FaultProxy, S3Bucket, S3Server, storage_options
+if TYPE_CHECKING:  # imported lazily at run time, so pytest loads the plugin (with assert rewriting) first
+    from tests.s3_server import FaultProxy, S3Bucket, S3Server
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.s3_server"]  # redundant (and harmless) once tests/conftest.py registers it
 
 MIB = 2**20
 _CREATED_IN_EARLIER_TEST: list[str] = []
@@ -63,6 +64,8 @@ def _round_trip_20mib(bucket: S3Bucket, tmp_path: Path) -> None:
 
 # -- the server and fixtures ------------------------------------------------------------------------
 def test_storage_options_shape() -> None:
+    from tests.s3_server import storage_options
+
     options = storage_options("http://127.0.0.1:9")
     assert options["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "region_name": "us-east-1"}
     assert options["config_kwargs"]["retries"]["total_max_attempts"] == 1
@@ -98,6 +101,8 @@ def test_server_is_reset_between_tests(s3_bucket: S3Bucket) -> None:
 
 
 def test_standalone_server_starts_and_stops() -> None:
+    from tests.s3_server import S3Server
+
     server = S3Server()
     try:
         status, _ = _request(server.endpoint_url, "PUT", "/standalone-bucket")
@@ -121,7 +126,7 @@ def test_proxy_round_trip_without_faults(
     assert all(r.status == 200 for r in fault_proxy.requests)
 
 
-def test_proxy_forwards_chunked_bodies(s3_bucket: S3Bucket, s3_server: S3Server, fault_proxy: FaultProxy) -> None:
+def test_proxy_forwards_chunked_bodies(s3_bucket: S3Bucket, fault_proxy: FaultProxy) -> None:
     path = f"/{_bucket_name(s3_bucket)}/chunked.bin"
     conn = http.client.HTTPConnection("127.0.0.1", _port(fault_proxy.endpoint_url), timeout=10)
     try:
@@ -131,10 +136,10 @@ def test_proxy_forwards_chunked_bodies(s3_bucket: S3Bucket, s3_server: S3Server,
         response.read()
     finally:
         conn.close()
-    assert _request(s3_server.endpoint_url, "GET", path) == (200, b"abc" + b"d" * 100_000 + b"xyz")
+    assert _fs(s3_bucket).cat_file(path.lstrip("/")) == b"abc" + b"d" * 100_000 + b"xyz"
 
 
-def test_proxy_answers_expect_100_continue(s3_bucket: S3Bucket, s3_server: S3Server, fault_proxy: FaultProxy) -> None:
+def test_proxy_answers_expect_100_continue(s3_bucket: S3Bucket, fault_proxy: FaultProxy) -> None:
     path = f"/{_bucket_name(s3_bucket)}/expect.bin"
     with socket.create_connection(("127.0.0.1", _port(fault_proxy.endpoint_url)), timeout=10) as sock:
         head = f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
@@ -142,7 +147,7 @@ def test_proxy_answers_expect_100_continue(s3_bucket: S3Bucket, s3_server: S3Ser
         assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue")
         sock.sendall(b"hello")
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
-    assert _request(s3_server.endpoint_url, "GET", path) == (200, b"hello")
+    assert _fs(s3_bucket).cat_file(path.lstrip("/")) == b"hello"
 
 
 def test_proxy_keeps_connections_alive(s3_bucket: S3Bucket, fault_proxy: FaultProxy) -> None:
@@ -239,6 +244,8 @@ def test_outage_until_turned_off(s3_bucket_via_proxy: S3Bucket, fault_proxy: Fau
 
 
 def test_stop_closes_idle_connections(s3_server: S3Server) -> None:
+    from tests.s3_server import FaultProxy
+
     proxy = FaultProxy(s3_server.endpoint_url)
     conn = http.client.HTTPConnection("127.0.0.1", _port(proxy.endpoint_url), timeout=10)
     try:
