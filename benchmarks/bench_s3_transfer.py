@@ -1,7 +1,8 @@
 """Upload and download one large file to a local S3 (moto): s3fs vs boto3 vs ``lightning_ckpt.transfer``.
 
 All peers run in one process against one ``moto_server`` started by this script on 127.0.0.1,
-in an interleaved order (the order rotates each repetition), on the same random input file:
+in an interleaved order (the order rotates each repetition), on the same random input file, after
+one tiny untimed round trip per peer (sessions and connection pools warm):
 
 * ``s3fs``: ``put_file`` / ``get_file`` with its defaults;
 * ``boto3``: ``upload_file`` / ``download_file`` with 8 MiB parts, 8 threads, 8 MiB threshold;
@@ -197,11 +198,24 @@ def run_download(peer: Peer, source_key: str, workdir: str, expected_sha: str) -
             os.unlink(local)
 
 
+def warm_up(peers: list[Peer], bucket: str, workdir: str) -> None:
+    """One tiny untimed round trip per peer, so sessions and connection pools exist before timing."""
+    tiny = os.path.join(workdir, "warm-up.bin")
+    with open(tiny, "wb") as f:
+        f.write(b"w" * 1024)
+    for peer in peers:
+        peer.upload(tiny, "warm-up/tiny.bin")
+        peer.download("warm-up/tiny.bin", tiny + ".back")
+        os.unlink(tiny + ".back")
+    os.unlink(tiny)
+
+
 def run_benchmark(peers: list[Peer], client: Any, bucket: str, src: str, reps: int, workdir: str) -> None:
     """Uploads then downloads, every peer once per repetition, starting at a different peer each time."""
     expected_sha = sha256_of(src)
     source_key = "source/input.bin"
     client.upload_file(src, bucket, source_key)
+    warm_up(peers, bucket, workdir)
     for rep in range(reps):
         order = peers[rep % len(peers) :] + peers[: rep % len(peers)]
         for peer in order:

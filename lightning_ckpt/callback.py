@@ -37,6 +37,7 @@ from lightning_ckpt.policies import CheckpointRecord, build_retention_policy
 from lightning_ckpt.rotation import METRIC_KEY, check_writable, delete_checkpoints, rotate, scan_records
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.tree import drop_paths
+from lightning_ckpt.upload import UploadJob
 
 __all__ = ["CheckpointSaver"]
 
@@ -201,6 +202,7 @@ class CheckpointSaver(Checkpoint):
         storage, folder = self._storage(trainer)
         if storage.isfile(folder):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
+        self._upload_leftovers(trainer, storage, folder)
         mine = [(n, m) for n, m in list_committed(storage, folder) if self._is_mine(n, trainer)]
         if not mine:
             return None
@@ -249,6 +251,7 @@ class CheckpointSaver(Checkpoint):
 
     _folder: str | None = None
     _agree_in_setup: bool = False
+    _leftovers_done: bool = False
     _best_from_workers: str = ""
 
     # -- Lightning hooks -------------------------------------------------------------------------
@@ -266,6 +269,7 @@ class CheckpointSaver(Checkpoint):
             if self.upload_timeout_in_seconds is not None:
                 self._io.upload_timeout_s = float(self.upload_timeout_in_seconds)
             check_writable(storage, folder)
+            self._upload_leftovers(trainer, storage, folder)
         if self._agree_in_setup:
             self._agree_in_setup = False
             self._agree_on_last(trainer, self._io)
@@ -286,6 +290,29 @@ class CheckpointSaver(Checkpoint):
                 " CheckpointSaver(overwrite=True) to save over them, or choose another folder."
             )
         self.save_interval.start(time.monotonic())
+
+    def _upload_leftovers(self, trainer: Trainer, storage: Storage, folder: str) -> None:
+        """Upload (and wait for) checkpoints an earlier run committed locally but did not get into the store.
+
+        Runs once, on global rank 0, before ``"last"`` is resolved, so a restart resumes from them.
+        """
+        if self._leftovers_done or storage.is_local or not trainer.is_global_zero:
+            return
+        self._leftovers_done = True
+        io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
+        io.storage_options = {**io.storage_options, **self.storage_options}
+        local_root = self.local_folder or io.cache_for(storage.url(folder), "uploads")
+        in_store = {name for name, _ in list_committed(storage, folder)}
+        local_storage, root = Storage.open(local_root)
+        uploader = io.uploader(storage.url(folder))
+        for name, manifest in list_committed(local_storage, root):
+            if name in in_store or self.filename.parse(name) is None:
+                continue
+            log.info("Uploading %s, committed locally by an earlier run but not in %s", name, storage.url(folder))
+            job = UploadJob(local_dir=os.path.join(root, name), name=name, files=[f.name for f in manifest.files],
+                            commit=True)  # fmt: skip
+            uploader.submit(job)
+        uploader.wait()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:

@@ -196,7 +196,7 @@ class Uploader:
             for name in job.files
         ]
         for future in futures:
-            future.result()
+            future.result(timeout=self.upload_timeout_s)  # upload_timeout_in_seconds bounds each file
         size = sum(os.path.getsize(os.path.join(job.local_dir, n)) for n in job.files)
         log.info("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6,
                  time.monotonic() - start)  # fmt: skip

@@ -299,13 +299,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self._forward(body)
 
     def _send_error(self, status: int, body: bytes) -> None:
+        self.server.owner._record(self.command, self.path, status)  # before the client can see the answer
         self.send_response_only(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.server.owner._record(self.command, self.path, status)
 
     def _upstream_headers(self, chunked: bool) -> dict[str, str]:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -343,8 +343,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(key, value)
         if rechunk:
             self.send_header("Transfer-Encoding", "chunked")
+        self.server.owner._record(self.command, self.path, response.status)  # before the client can see it
         self.end_headers()
-        self.server.owner._record(self.command, self.path, response.status)
         while has_body and (block := response.read(_IO_CHUNK)):
             self.wfile.write(b"%x\r\n%b\r\n" % (len(block), block) if rechunk else block)
         if rechunk:

@@ -21,7 +21,6 @@ import pytest
 if TYPE_CHECKING:  # imported lazily at run time, so pytest loads the plugin (with assert rewriting) first
     from tests.s3_server import FaultProxy, S3Bucket, S3Server
 
-pytest_plugins = ["tests.s3_server"]  # redundant (and harmless) once tests/conftest.py registers it
 
 MIB = 2**20
 _CREATED_IN_EARLIER_TEST: list[str] = []

@@ -147,6 +147,12 @@ def test_persistent_outage_gives_one_clear_error_and_loses_nothing(
     assert (tmp_path / "b" / "local" / "ep0-ba8" / "manifest.json").is_file(), "the local committed copy is kept"
     newest = latest(f"{s3_bucket_via_proxy.url}/run", s3_bucket_via_proxy.storage_options)
     assert newest is not None and newest.endswith("/ep0-ba8"), "the earlier checkpoint in the store is intact"
+    # The store is back: a restart uploads what was committed locally only, then resumes from the newest.
+    io3 = ShardedCheckpointIO(cache_dir=str(tmp_path / "cache3"), upload_retry=FAST_RETRY)
+    saver3 = _saver(s3_bucket_via_proxy, tmp_path / "b", save_interval="8ba")
+    _, trainer3 = _fit(tmp_path / "c", saver3, 3, io3, ckpt_path="last")
+    assert io3.loaded_path == f"{s3_bucket_via_proxy.url}/run/ep1-ba16", "resumed from the uploaded leftover"
+    assert trainer3.global_step == 24
 
 
 def test_unwritable_bucket_fails_before_training(s3_bucket: S3Bucket, tmp_path: Path) -> None:
