@@ -46,7 +46,7 @@ __all__ = [
 log = logging.getLogger("lightning_ckpt")
 
 T = TypeVar("T")
-PART_BYTES = 64 * 1024 * 1024
+PART_BYTES = 8 * 1024 * 1024  # many parts in flight: what wins on object stores
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                     "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}  # fmt: skip
 _TRANSIENT_TEXT = ("SlowDown", "503", "Service Unavailable", "Please reduce your request rate")
@@ -151,6 +151,48 @@ def _transfer_options(storage: Storage, size: int, max_concurrency: int) -> dict
     return {}
 
 
+_BOTO3_CLIENTS: dict[int, Any] = {}
+
+
+def _boto3_client(storage: Storage) -> Any | None:
+    """A boto3 S3 client with the same credentials and endpoint as the s3fs filesystem, if boto3 is installed.
+
+    boto3's transfer manager moves parts on OS threads; s3fs does every part's work on one event-loop
+    thread, which on small machines makes it the slower uploader (see benchmarks/README.md).
+    """
+    if storage.protocol not in ("s3", "s3a") or getattr(storage.fs, "anon", False):
+        return None
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        return None
+    fs = storage.fs
+    if id(fs) not in _BOTO3_CLIENTS:
+        config = {k: v for k, v in dict(getattr(fs, "config_kwargs", None) or {}).items()}
+        session = boto3.session.Session(
+            aws_access_key_id=fs.key, aws_secret_access_key=fs.secret, aws_session_token=fs.token
+        )
+        _BOTO3_CLIENTS[id(fs)] = session.client(
+            "s3", config=Config(**config), **dict(getattr(fs, "client_kwargs", None) or {})
+        )
+    return _BOTO3_CLIENTS[id(fs)]
+
+
+def _put(storage: Storage, local_path: str, remote_path: str, max_concurrency: int) -> None:
+    client = _boto3_client(storage)
+    if client is None:
+        options = _transfer_options(storage, os.path.getsize(local_path), max_concurrency)
+        storage.fs.put_file(local_path, remote_path, **options)
+        return
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, _, key = remote_path.lstrip("/").partition("/")
+    part = max(PART_BYTES, -(-os.path.getsize(local_path) // 10_000))
+    config = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=max_concurrency)
+    client.upload_file(local_path, bucket, key, Config=config)
+
+
 def put_file(
     storage: Storage,
     local_path: str,
@@ -160,9 +202,9 @@ def put_file(
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> None:
     """Upload one local file to ``remote_path``, parts in parallel, retrying transient failures."""
-    options = _transfer_options(storage, os.path.getsize(local_path), max_concurrency)
-    with_retries(lambda: storage.fs.put_file(local_path, remote_path, **options), what=f"upload of {local_path}",
-                 policy=policy)  # fmt: skip
+    with_retries(
+        lambda: _put(storage, local_path, remote_path, max_concurrency), what=f"upload of {local_path}", policy=policy
+    )
 
 
 def get_file(
@@ -177,7 +219,7 @@ def get_file(
     directory = os.path.dirname(local_path) or "."
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, layout.temp_filename(os.path.basename(local_path), f"dl{os.getpid()}"))
-    options = _transfer_options(storage, storage.size(remote_path), max_concurrency)
+    options: dict[str, Any] = {}  # the filesystem's own download path is the fastest measured (s3fs get_file)
     try:
         with_retries(lambda: storage.fs.get_file(remote_path, tmp, **options), what=f"download of {remote_path}",
                      policy=policy)  # fmt: skip

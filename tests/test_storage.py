@@ -139,9 +139,9 @@ def test_persistent_outage_gives_one_clear_error_and_loses_nothing(
             fault_proxy.outage(True)
 
     trainer.callbacks.append(Outage())
-    with pytest.raises(OSError) as info:
+    with pytest.raises(Exception) as info:  # the client's own error type (boto3's or s3fs's), not a wrapper
         trainer.fit(TinyRegressor())
-    assert "Please reduce your request rate" in str(info.value)  # s3fs's translation of the 503 SlowDown
+    assert "Please reduce your request rate" in str(info.value)  # the server's 503 SlowDown
     assert any("while uploading checkpoint ep0-ba8 to s3://" in note for note in info.value.__notes__)
     fault_proxy.outage(False)
     assert (tmp_path / "b" / "local" / "ep0-ba8" / "manifest.json").is_file(), "the local committed copy is kept"
