@@ -97,6 +97,9 @@ def main() -> int:
     p.add_argument("--hook-log", default=None)
     p.add_argument("--dump-loaded", default=None)
     p.add_argument("--save-weights", default=None)
+    p.add_argument("--s3-endpoint", default=None, help="folder is an s3:// URL on this S3 server")
+    p.add_argument("--local-folder", default=None)
+    p.add_argument("--cache-dir", default=None)
     args = p.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -113,8 +116,16 @@ def main() -> int:
         def interval(trainer: L.Trainer, event: str) -> bool:
             return trainer.global_rank == 0 and event == "epoch_end"
 
+    options = {}
+    if args.s3_endpoint:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from tests.s3_server import storage_options
+
+        options = storage_options(args.s3_endpoint)
     saver = CheckpointSaver(
         folder=args.folder,
+        storage_options=options,
+        local_folder=args.local_folder,
         filename=args.filename,
         latest_filename=args.latest,
         save_interval=interval,
@@ -123,9 +134,9 @@ def main() -> int:
     )
     callbacks.append(saver)
     hooks = [RecordingHook(args.hook_log, args.stall_rank, args.stall_name, args.stall_s)] if args.hook_log else []
-    io = ShardedCheckpointIO(barrier_timeout_s=args.barrier_timeout, writer_hooks=hooks)
+    io = ShardedCheckpointIO(barrier_timeout_s=args.barrier_timeout, writer_hooks=hooks, cache_dir=args.cache_dir)
     trainer = build_trainer(
-        os.path.dirname(args.folder.rstrip("/")),
+        args.local_folder or os.path.dirname(args.folder.rstrip("/")),
         max_epochs=args.epochs,
         callbacks=callbacks,
         plugins=[io],

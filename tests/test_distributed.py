@@ -16,6 +16,8 @@ import torch
 
 from lightning_ckpt import latest, read_checkpoint
 
+from .s3_server import S3Bucket
+
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -42,12 +44,15 @@ def run_ddp(nproc: int, *args: str, timeout: float = 180) -> subprocess.Complete
 
 
 def run_two_nodes(*args: str, timeout: float = 180) -> list[subprocess.CompletedProcess[str]]:
-    """Two torchrun launchers on 127.0.0.1, one process each, like two single-GPU nodes."""
+    """Two torchrun launchers on 127.0.0.1, one process each, like two single-GPU nodes.
+
+    ``{node}`` in an argument becomes the launcher's node rank (for per-node local paths).
+    """
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     port = _free_port()
     procs = [
         subprocess.Popen(
-            _torchrun(1, *args, nnodes=2, node_rank=n, port=port),
+            _torchrun(1, *(a.replace("{node}", str(n)) for a in args), nnodes=2, node_rank=n, port=port),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -211,6 +216,38 @@ def test_ddp_spawn_saves_collectively_and_resumes(tmp_path: Path) -> None:
     assert _committed(tmp_path / "ckpts") == ["ep0-ba4", "ep1-ba8"]
     assert _equal(torch.load(tmp_path / "w.pt"), read_checkpoint(str(tmp_path / "ckpts" / "ep1-ba8"))["state_dict"])
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".temp")], "spawn's weight hand-off was cleaned up"
+
+
+def test_two_nodes_sharing_only_s3_resume_on_empty_disks(tmp_path: Path, s3_bucket: S3Bucket) -> None:
+    endpoint = s3_bucket.storage_options["client_kwargs"]["endpoint_url"]
+    folder = f"{s3_bucket.url}/run"
+
+    def node_args(run: str) -> list[str]:
+        local = str(tmp_path / run / "node{node}")
+        return [
+            "--s3-endpoint",
+            endpoint,
+            "--folder",
+            folder,
+            "--local-folder",
+            f"{local}/ckpts",
+            "--cache-dir",
+            f"{local}/cache",
+        ]
+
+    _ok(run_ddp(2, "--folder", str(tmp_path / "single" / "ckpts"), "--save-weights", str(tmp_path / "full.pt")))
+    killed = run_two_nodes(*node_args("first"), "--kill-rank", "1", "--kill-at", "6")
+    assert all(r.returncode != 0 for r in killed)
+    newest = latest(folder, s3_bucket.storage_options)
+    assert newest is not None and newest.endswith("/run/ep0-ba4"), "the epoch-0 checkpoint reached the bucket"
+    resumed = run_two_nodes(*node_args("fresh"), "--resume", "--save-weights", str(tmp_path / "resumed.pt"))
+    for result in resumed:
+        _ok(result)
+    for node in (0, 1):  # each fresh node downloaded what it needed into its own empty cache
+        assert list((tmp_path / "fresh" / f"node{node}" / "cache" / "downloads").glob("*/ep0-ba4/manifest.json"))
+    assert _equal(torch.load(tmp_path / "resumed.pt"), torch.load(tmp_path / "full.pt"))
+    newest = latest(folder, s3_bucket.storage_options)
+    assert newest is not None and newest.endswith("/run/ep2-ba12")
 
 
 def _failure_lines(
