@@ -154,14 +154,13 @@ def lightning_ckpt_peer(endpoint_url: str, bucket: str, concurrency: int) -> Pee
     from lightning_ckpt.storage import Storage
 
     options = s3fs_options(endpoint_url)
+    storage, root = Storage.open(f"s3://{bucket}", options)  # one per peer, as the package's uploader keeps one
 
     def upload(local: str, key: str) -> None:
-        storage, remote = Storage.open(f"s3://{bucket}/{key}", options)
-        transfer.put_file(storage, local, remote, max_concurrency=concurrency)
+        transfer.put_file(storage, local, f"{root}/{key}", max_concurrency=concurrency)
 
     def download(key: str, local: str) -> None:
-        storage, remote = Storage.open(f"s3://{bucket}/{key}", options)
-        transfer.get_file(storage, remote, local, max_concurrency=concurrency)
+        transfer.get_file(storage, f"{root}/{key}", local, max_concurrency=concurrency)
 
     return Peer(f"lightning_ckpt.transfer (max_concurrency={concurrency})", upload, download)
 

@@ -92,6 +92,7 @@ class Storage:
         self.fs = fs
         self.protocol = protocol
         self.is_local = isinstance(fs, LocalFileSystem)
+        self.clients: dict[str, Any] = {}  # other clients for the same store (e.g. boto3), made once
 
     @classmethod
     def open(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str]:
@@ -106,15 +107,7 @@ class Storage:
         if not is_url(text):
             local = text[len("file://") :] if text.startswith("file://") else text
             return cls(LocalFileSystem(), "file"), os.path.abspath(os.path.expanduser(local))
-        options = dict(storage_options or {})
-        if text.startswith(("s3://", "s3a://")):
-            # Every file carries a CRC32 in the manifest, verified on load; botocore's own per-request
-            # CRC32 costs a core on small machines. Users can still ask for it in config_kwargs.
-            config = dict(options.get("config_kwargs") or {})
-            config.setdefault("request_checksum_calculation", "when_required")
-            config.setdefault("response_checksum_validation", "when_required")
-            options["config_kwargs"] = config
-        fs, path = fsspec.core.url_to_fs(text, **options)
+        fs, path = fsspec.core.url_to_fs(text, **dict(storage_options or {}))
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         return cls(fs, protocol), path
 

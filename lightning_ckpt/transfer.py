@@ -151,9 +151,6 @@ def _transfer_options(storage: Storage, size: int, max_concurrency: int) -> dict
     return {}
 
 
-_BOTO3_CLIENTS: dict[int, Any] = {}
-
-
 def _boto3_client(storage: Storage) -> Any | None:
     """A boto3 S3 client with the same credentials and endpoint as the s3fs filesystem, if boto3 is installed.
 
@@ -168,15 +165,15 @@ def _boto3_client(storage: Storage) -> Any | None:
     except ImportError:
         return None
     fs = storage.fs
-    if id(fs) not in _BOTO3_CLIENTS:
+    if "boto3" not in storage.clients:
         config = {k: v for k, v in dict(getattr(fs, "config_kwargs", None) or {}).items()}
         session = boto3.session.Session(
             aws_access_key_id=fs.key, aws_secret_access_key=fs.secret, aws_session_token=fs.token
         )
-        _BOTO3_CLIENTS[id(fs)] = session.client(
+        storage.clients["boto3"] = session.client(
             "s3", config=Config(**config), **dict(getattr(fs, "client_kwargs", None) or {})
         )
-    return _BOTO3_CLIENTS[id(fs)]
+    return storage.clients["boto3"]
 
 
 def _put(storage: Storage, local_path: str, remote_path: str, max_concurrency: int) -> None:
