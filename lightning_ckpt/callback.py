@@ -94,6 +94,12 @@ class CheckpointSaver(Checkpoint):
             are uploaded in the background; default: a cache directory for that folder.
         num_concurrent_uploads: files each rank uploads at once (default: the plugin's, 4).
         upload_timeout_in_seconds: bound on waiting for uploads (default: the plugin's, 3600).
+        remote_file_name: Composer's spelling: the URL of one remote checkpoint directory, e.g.
+            ``"s3://bucket/{run_name}/ep{epoch}-ba{batch}"``. Its directory becomes the remote folder,
+            its last part the checkpoint name, and ``folder`` the local folder checkpoints are
+            committed in before upload.
+        latest_remote_file_name: Composer's spelling of the remote ``latest`` pointer, in the same
+            remote directory, e.g. ``"s3://bucket/{run_name}/latest"`` (written as ``latest.symlink``).
     """
 
     def __init__(
@@ -116,7 +122,13 @@ class CheckpointSaver(Checkpoint):
         local_folder: str | os.PathLike[str] | None = None,
         num_concurrent_uploads: int | None = None,
         upload_timeout_in_seconds: float | None = None,
+        remote_file_name: str | None = None,
+        latest_remote_file_name: str | None = None,
     ) -> None:
+        if remote_file_name is not None or latest_remote_file_name is not None:
+            folder, filename, latest_filename, local_folder = _composer_remote_names(
+                folder, filename, latest_filename, local_folder, remote_file_name, latest_remote_file_name
+            )
         if folder is not None and not isinstance(folder, (str, os.PathLike)):
             raise ConfigError("folder", folder, "'/data/runs/{run_name}/checkpoints'")
         folder_text = os.fspath(folder) if folder is not None else None
@@ -403,3 +415,38 @@ class CheckpointSaver(Checkpoint):
             f"CheckpointSaver(folder={folder!r}, filename={self.filename.pattern!r},"
             f" save_interval={self.save_interval!r})"
         )
+
+
+def _composer_remote_names(
+    folder: str | os.PathLike[str] | None,
+    filename: str,
+    latest_filename: str | None,
+    local_folder: str | os.PathLike[str] | None,
+    remote_file_name: str | None,
+    latest_remote_file_name: str | None,
+) -> tuple[str, str, str | None, str | os.PathLike[str] | None]:
+    """Translate Composer's ``remote_file_name`` / ``latest_remote_file_name`` into folder, names, local folder."""
+    example = "'s3://bucket/{run_name}/ep{epoch}-ba{batch}'"
+    if remote_file_name is None:
+        raise ConfigError("latest_remote_file_name", latest_remote_file_name, "None", "it needs remote_file_name")
+    if not isinstance(remote_file_name, str) or "://" not in remote_file_name or remote_file_name.endswith("/"):
+        raise ConfigError("remote_file_name", remote_file_name, example, "It must be the URL of one checkpoint")
+    remote_folder, _, name = remote_file_name.rpartition("/")
+    if filename not in (layout.DEFAULT_FILENAME, name):
+        raise ConfigError(
+            "filename", filename, repr(name), "With remote_file_name, one name serves locally and remotely"
+        )
+    latest = latest_filename
+    if latest_remote_file_name is not None:
+        latest_folder, _, latest = latest_remote_file_name.rpartition("/")
+        if latest_folder != remote_folder:
+            raise ConfigError(
+                "latest_remote_file_name",
+                latest_remote_file_name,
+                repr(f"{remote_folder}/latest"),
+                "The pointer must sit in the same remote directory as the checkpoints",
+            )
+        latest = latest.removesuffix(layout.POINTER_SUFFIX)
+    if local_folder is not None:
+        raise ConfigError("local_folder", local_folder, "None", "with remote_file_name, folder is the local folder")
+    return remote_folder, name, latest, folder

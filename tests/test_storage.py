@@ -164,3 +164,42 @@ def test_unwritable_bucket_fails_before_training(s3_bucket: S3Bucket, tmp_path: 
         trainer.fit(model)
     assert trainer.global_step == 0
     assert all(torch.equal(a, b) for a, b in zip(state_of(model).values(), before.values(), strict=True))
+
+
+def test_composer_remote_file_name_arguments(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    saver = CheckpointSaver(
+        folder=str(tmp_path / "local"),
+        remote_file_name=f"{s3_bucket.url}/{{run_name}}/ep{{epoch}}-ba{{batch}}",
+        latest_remote_file_name=f"{s3_bucket.url}/{{run_name}}/latest-remote",
+        storage_options=s3_bucket.storage_options,
+        save_interval="1ep",
+        run_name="composer",
+    )
+    io = ShardedCheckpointIO(cache_dir=str(tmp_path / "cache"))
+    _fit(tmp_path, saver, 2, io)
+    fs = fsspec.filesystem("s3", **s3_bucket.storage_options)
+    names = sorted(os.path.basename(p) for p in fs.ls(f"{s3_bucket.url}/composer", refresh=True))
+    assert names == ["ep0-ba8", "ep1-ba16", "latest-remote.symlink"]
+    assert fs.cat_file(f"{s3_bucket.url}/composer/latest-remote.symlink") == b"ep1-ba16"
+    assert (tmp_path / "local" / "ep1-ba16" / "manifest.json").is_file(), "committed locally in folder first"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"remote_file_name": "ep{epoch}"}, "remote_file_name"),
+        ({"latest_remote_file_name": "s3://b/latest"}, "latest_remote_file_name"),
+        ({"remote_file_name": "s3://b/run/ep{epoch}", "latest_remote_file_name": "s3://b/other/latest"},
+         "latest_remote_file_name"),
+        ({"remote_file_name": "s3://b/run/ep{epoch}", "filename": "other{batch}"}, "filename"),
+        ({"storage_options": "key=TOPSECRET-9f2c"}, "storage_options"),
+        ({"num_concurrent_uploads": 0}, "num_concurrent_uploads"),
+        ({"upload_timeout_in_seconds": -1}, "upload_timeout_in_seconds"),
+    ],
+)  # fmt: skip
+def test_bad_remote_arguments_name_the_argument(kwargs: dict[str, Any], argument: str) -> None:
+    from lightning_ckpt import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{argument}=") as info:
+        CheckpointSaver(**kwargs)
+    assert "TOPSECRET-9f2c" not in str(info.value), "storage_options never appear in messages"
