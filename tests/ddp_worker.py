@@ -23,11 +23,17 @@ from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
 
 
 class KillRank(L.Callback):
-    def __init__(self, rank: int, step: int) -> None:
-        self.rank, self.step = rank, step
+    """SIGKILLs one rank at a step; with ``after_uploads`` only once that rank's uploads are in the store."""
+
+    def __init__(self, rank: int, step: int, after_uploads: bool = False) -> None:
+        self.rank, self.step, self.after_uploads = rank, step, after_uploads
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            if self.after_uploads:
+                io = trainer.strategy.checkpoint_io
+                assert isinstance(io, ShardedCheckpointIO)
+                io.wait_for_uploads()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -105,7 +111,7 @@ def main() -> int:
     L.seed_everything(0, verbose=False)
     callbacks: list[L.Callback] = []
     if args.kill_rank is not None:
-        callbacks.append(KillRank(args.kill_rank, args.kill_at))
+        callbacks.append(KillRank(args.kill_rank, args.kill_at, after_uploads=args.s3_endpoint is not None))
     if args.fail_write_rank is not None:
         callbacks.append(LimitFileSize(args.fail_write_rank, args.fail_at))
     if args.dump_loaded:

@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import os
 import shutil
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -34,6 +31,8 @@ from typing import IO, Any, NamedTuple
 
 import pytest
 
+from tests.servers import HOST, LoopbackServer, free_port, http_request
+
 __all__ = [
     "FaultProxy",
     "ProxyRequest",
@@ -44,7 +43,6 @@ __all__ = [
     "storage_options",
 ]
 
-HOST = "127.0.0.1"
 REGION = "us-east-1"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION}
 _IO_CHUNK = 1024 * 1024
@@ -67,13 +65,6 @@ _ERROR_MESSAGES = {
 }
 
 Matcher = Callable[[str, str], bool]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def storage_options(endpoint_url: str) -> dict[str, Any]:
@@ -108,18 +99,6 @@ def error_body(code: str, message: str | None = None) -> bytes:
     ).encode()
 
 
-def _http_answers(host: str, port: int, timeout: float = 1.0) -> bool:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", "/moto-api/")
-        conn.getresponse().read()
-        return True
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 def _moto_command() -> list[str]:
     """``moto_server`` next to this interpreter, else on PATH, else ``python -m moto.server``."""
     beside = Path(sys.executable).with_name("moto_server")
@@ -129,94 +108,26 @@ def _moto_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "moto.server"]
 
 
-class S3Server:
-    """``moto_server`` in a subprocess on 127.0.0.1 and a free port.
+class S3Server(LoopbackServer):
+    """``moto_server`` in a subprocess on 127.0.0.1 and a free port."""
 
-    Args:
-        start_timeout_s: how long to wait for the server to answer HTTP.
-    """
+    name = "moto_server"
 
-    def __init__(self, start_timeout_s: float = 20.0) -> None:
-        self.port = 0
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._start(start_timeout_s)
+    def command(self, port: int) -> list[str]:
+        return [*_moto_command(), "-H", HOST, "-p", str(port)]
 
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+    def env(self) -> dict[str, str]:
+        return {**super().env(), **CREDENTIALS}
 
-    def _start(self, timeout_s: float) -> None:
-        self._log = tempfile.TemporaryFile(prefix="moto-server-")
-        env = {**os.environ, **CREDENTIALS, "NO_PROXY": HOST, "no_proxy": HOST}
-        for _ in range(3):  # the free port may be taken between probing and binding
-            self.port = free_port()
-            self._process = subprocess.Popen(
-                [*_moto_command(), "-H", HOST, "-p", str(self.port)],
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-            if self._wait_until_up(timeout_s):
-                return
-            self._terminate()
-        raise RuntimeError(f"moto_server did not start:\n{self.log_tail()}")
-
-    def _wait_until_up(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process is None or self._process.poll() is not None:
-                return False
-            if _http_answers(HOST, self.port):
-                return True
-            time.sleep(0.05)
-        return False
-
-    def log_tail(self, limit: int = 4000) -> str:
-        """The end of the server's combined stdout/stderr, for error messages."""
-        if self._log is None:
-            return ""
-        self._log.flush()
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-limit:]
+    def ready(self) -> bool:
+        http_request(self.port, "GET", "/moto-api/", timeout=1.0)
+        return True
 
     def reset(self) -> None:
         """Wipe every bucket and object (``POST /moto-api/reset``)."""
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
-        try:
-            conn.request("POST", "/moto-api/reset")
-            response = conn.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RuntimeError(f"moto reset failed: HTTP {response.status}")
-        finally:
-            conn.close()
-
-    def _terminate(self, timeout_s: float = 5.0) -> None:
-        process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait()
-
-    def stop(self) -> None:
-        """Terminate the server (kill it if it lingers) and wait for it to exit."""
-        self._terminate()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def __enter__(self) -> S3Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        status, _ = http_request(self.port, "POST", "/moto-api/reset")
+        if status != 200:
+            raise RuntimeError(f"moto reset failed: HTTP {status}")
 
 
 class ProxyRequest(NamedTuple):

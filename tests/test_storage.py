@@ -22,7 +22,7 @@ from .s3_server import FaultProxy, S3Bucket
 FAST_RETRY = RetryPolicy(attempts=4, initial_backoff_s=0.05, max_backoff_s=0.2)
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", "gcs"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """A folder URL and its storage_options, for each storage the contract runs against."""
     if request.param == "local":
@@ -30,7 +30,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
     elif request.param == "memory":
         yield f"memory://contract-{os.getpid()}-{id(request)}", {}
     else:
-        bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+        bucket = request.getfixturevalue(f"{request.param}_bucket")
         yield f"{bucket.url}/run", bucket.storage_options
 
 
