@@ -68,7 +68,7 @@ class CheckpointSaver(Checkpoint):
     """Save checkpoints on a schedule, name them from format strings, keep the ones that matter.
 
     Args:
-        folder: where checkpoints go; a path (or, in a later release, an fsspec URL). May use the
+        folder: where checkpoints go: a local path or any fsspec URL (``s3://``, ``gs://``). May use the
             dist variables and ``{run_name}`` (see :mod:`lightning_ckpt.layout`). Default:
             ``<default_root_dir>/checkpoints/{run_name}``, which is the same on every restart of
             the same command, so ``ckpt_path="last"`` finds it.
