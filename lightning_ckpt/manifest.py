@@ -157,14 +157,3 @@ class Manifest:
                 )
         if self.objects_file is not None and self.objects_file not in names:
             raise CorruptCheckpointError(f"{source}: objects file {self.objects_file!r} is not listed in files")
-
-    def summary(self) -> dict[str, Any]:
-        """A short dict for logs and the command line."""
-        return {
-            "name": self.name,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "files": len(self.files),
-            "tensors": len(self.tensors),
-            "bytes": self.total_bytes,
-        }

@@ -26,7 +26,7 @@ import errno
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import IO, Any
 
 import fsspec
@@ -157,15 +157,6 @@ class Storage:
         self.fs.invalidate_cache(path)
         return sorted(self.basename(p) for p in self.fs.ls(path, detail=False) if p.rstrip("/") != path)
 
-    def modified(self, path: str) -> float:
-        """Modification time as a POSIX timestamp (local disk only; 0.0 where the store has none)."""
-        if self.is_local:
-            return os.stat(path).st_mtime
-        try:
-            return float(self.fs.modified(path).timestamp())
-        except (NotImplementedError, OSError, AttributeError):
-            return 0.0
-
     # -- reading ---------------------------------------------------------------------------------
     def read_bytes(self, path: str) -> bytes:
         if self.is_local:
@@ -266,9 +257,3 @@ class Storage:
             return
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
-
-    def walk_files(self, path: str) -> Iterator[str]:
-        """Names of the plain files directly inside ``path``."""
-        for name in self.listdir(path):
-            if self.isfile(self.join(path, name)):
-                yield name

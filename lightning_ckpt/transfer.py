@@ -8,8 +8,7 @@ the clock are injectable so retry behaviour is tested without waiting.
 
 Example:
     >>> import os, tempfile
-    >>> from lightning_ckpt import layout
-from lightning_ckpt.storage import Storage
+    >>> from lightning_ckpt.storage import Storage
     >>> src = os.path.join(tempfile.mkdtemp(), "a.bin"); _ = open(src, "wb").write(b"x" * 10)
     >>> storage, remote = Storage.open("memory://transfer-doc/a.bin")
     >>> put_file(storage, src, remote)
