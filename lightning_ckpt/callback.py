@@ -264,6 +264,7 @@ class CheckpointSaver(Checkpoint):
     _folder: str | None = None
     _agree_in_setup: bool = False
     _leftovers_done: bool = False
+    _io_trainer: int = 0
     _best_from_workers: str = ""
 
     # -- Lightning hooks -------------------------------------------------------------------------
@@ -273,13 +274,8 @@ class CheckpointSaver(Checkpoint):
         if storage.isfile(folder):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
         self._folder = folder
-        self._io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
+        self._io = self._plugin(trainer)
         if not storage.is_local:
-            self._io.storage_options = {**self._io.storage_options, **self.storage_options}
-            if self.num_concurrent_uploads is not None:
-                self._io.num_concurrent_uploads = int(self.num_concurrent_uploads)
-            if self.upload_timeout_in_seconds is not None:
-                self._io.upload_timeout_s = float(self.upload_timeout_in_seconds)
             check_writable(storage, folder)
             self._upload_leftovers(trainer, storage, folder)
         if self._agree_in_setup:
@@ -303,6 +299,19 @@ class CheckpointSaver(Checkpoint):
             )
         self.save_interval.start(time.monotonic())
 
+    def _plugin(self, trainer: Trainer) -> ShardedCheckpointIO:
+        """The plugin this saver writes through for ``trainer``, with this saver's remote settings (made once)."""
+        if self._io is None or self._io_trainer != id(trainer):
+            io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
+            if not self._storage(trainer)[0].is_local:
+                io.storage_options = {**io.storage_options, **self.storage_options}
+                if self.num_concurrent_uploads is not None:
+                    io.num_concurrent_uploads = int(self.num_concurrent_uploads)
+                if self.upload_timeout_in_seconds is not None:
+                    io.upload_timeout_s = float(self.upload_timeout_in_seconds)
+            self._io, self._io_trainer = io, id(trainer)
+        return self._io
+
     def _upload_leftovers(self, trainer: Trainer, storage: Storage, folder: str) -> None:
         """Upload (and wait for) checkpoints an earlier run committed locally but did not get into the store.
 
@@ -311,8 +320,7 @@ class CheckpointSaver(Checkpoint):
         if self._leftovers_done or storage.is_local or not trainer.is_global_zero:
             return
         self._leftovers_done = True
-        io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
-        io.storage_options = {**io.storage_options, **self.storage_options}
+        io = self._plugin(trainer)
         local_root = self.local_folder or io.cache_for(storage.url(folder), "uploads")
         in_store = {name for name, _ in list_committed(storage, folder)}
         local_storage, root = Storage.open(local_root)

@@ -32,7 +32,19 @@ import torch.distributed as dist
 
 from lightning_ckpt.errors import CheckpointError
 
-__all__ = ["CollectiveError", "Exchange", "exchange_rank"]
+__all__ = ["CollectiveError", "Exchange", "default_store", "exchange_rank"]
+
+
+def default_store() -> Any:
+    """The key-value store of the initialised default process group (``None`` for a single process).
+
+    Example:
+        >>> default_store() is None
+        True
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.distributed_c10d._get_default_store()
+    return None
 
 
 def exchange_rank() -> int:
@@ -87,10 +99,10 @@ class Exchange:
     @classmethod
     def current(cls, *, prefix: str, timeout_s: float) -> Exchange:
         """The exchange for the initialised default process group (or a single-process one)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            store = dist.distributed_c10d._get_default_store()
-            return cls(store, dist.get_rank(), dist.get_world_size(), prefix, timeout_s)
-        return cls(None, 0, 1, prefix, timeout_s)
+        store = default_store()
+        if store is None:
+            return cls(None, 0, 1, prefix, timeout_s)
+        return cls(store, dist.get_rank(), dist.get_world_size(), prefix, timeout_s)
 
     def child(self, prefix: str) -> Exchange:
         """An exchange with the same ranks under another namespace."""

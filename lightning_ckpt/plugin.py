@@ -45,7 +45,7 @@ from lightning_ckpt.collective import (
     save_checkpoint_dir,
 )
 from lightning_ckpt.discovery import Resolved, list_committed, resolve
-from lightning_ckpt.dist import Exchange, exchange_rank
+from lightning_ckpt.dist import Exchange, default_store, exchange_rank
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError
 from lightning_ckpt.reader import MapLocation, load_checkpoint_dir
 from lightning_ckpt.storage import Storage
@@ -173,7 +173,6 @@ class ShardedCheckpointIO(CheckpointIO):
             result = self.save_collective(
                 checkpoint, os.path.join(local_root, name), latest_filename=latest_filename, metadata=metadata
             )
-            exchange_store = Exchange.current(prefix="", timeout_s=self.barrier_timeout_s).store
             uploader = self.uploader(remote_storage.url(remote_folder))
 
             def committed_remotely() -> None:
@@ -188,7 +187,7 @@ class ShardedCheckpointIO(CheckpointIO):
                     files=result.files,
                     commit=result.leader,
                     members=result.group,
-                    store=exchange_store,
+                    store=default_store(),
                     key=f"lightning_ckpt/{self._namespace}/upload{self._saves}",
                     rank=exchange_rank(),
                     pointer=latest_filename,

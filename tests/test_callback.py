@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from datetime import timedelta
@@ -93,13 +94,25 @@ def test_keep_every_n_steps_and_best_by_metric(tmp_path: Path) -> None:
         num_best_to_keep=1,
         run_name="r",
     )
-    trainer = _fit(tmp_path, saver, max_epochs=5)
+    keep_all = CheckpointSaver(folder=tmp_path / "all", save_interval="1ep", monitor="val_loss", run_name="r")
+    L.seed_everything(0, verbose=False)
+    trainer = build_trainer(str(tmp_path), max_epochs=5, callbacks=[saver, keep_all])
+    trainer.fit(TinyRegressor())
     losses = {name: read_checkpoint(str(tmp_path / "c" / name))["callbacks"] for name in _dirs(tmp_path / "c")}
     kept = _dirs(tmp_path / "c")
     assert "ep4-ba40" in kept  # newest
     assert {"ep1-ba16", "ep3-ba32"} <= set(kept)  # multiples of 16 are kept forever
     assert saver.best_model_path and os.path.basename(saver.best_model_path) in kept
     assert trainer.checkpoint_callback is saver and losses
+    # The best by val_loss, computed independently from every checkpoint the keep-all saver recorded:
+    recorded = {
+        name: json.loads((tmp_path / "all" / name / "manifest.json").read_text())["metadata"]["monitor_value"]
+        for name in _dirs(tmp_path / "all")
+    }
+    assert len(recorded) == 5
+    best = min(recorded, key=lambda name: recorded[name])
+    assert os.path.basename(saver.best_model_path) == best
+    assert set(kept) == {"ep4-ba40", "ep1-ba16", "ep3-ba32", best}, "nothing else survives rotation"
 
 
 def test_rotation_continues_after_restart_and_stays_in_its_folder(tmp_path: Path) -> None:
