@@ -100,6 +100,10 @@ class CheckpointSaver(Checkpoint):
             committed in before upload.
         latest_remote_file_name: Composer's spelling of the remote ``latest`` pointer, in the same
             remote directory, e.g. ``"s3://bucket/{run_name}/latest"`` (written as ``latest.symlink``).
+        async_save: block training only while tensors are copied into reused staging buffers; write,
+            commit, upload and rotate in the background, one save in flight (the next save waits for
+            it, and says so in the log). The checkpoint is the state at the save call, even though
+            training changes the parameters right after. ``False`` returns only once committed.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class CheckpointSaver(Checkpoint):
         upload_timeout_in_seconds: float | None = None,
         remote_file_name: str | None = None,
         latest_remote_file_name: str | None = None,
+        async_save: bool = True,
     ) -> None:
         if remote_file_name is not None or latest_remote_file_name is not None:
             folder, filename, latest_filename, local_folder = _composer_remote_names(
@@ -152,6 +157,7 @@ class CheckpointSaver(Checkpoint):
         self.save_interval: SaveSchedule = parse_save_interval(save_interval)
         self.overwrite = _check_bool("overwrite", overwrite)
         self.weights_only = _check_bool("weights_only", weights_only)
+        self.async_save = _check_bool("async_save", async_save)
         self.ignore_keys = _check_ignore_keys(ignore_keys)
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ConfigError("monitor", monitor, "'val_loss'")
@@ -345,6 +351,7 @@ class CheckpointSaver(Checkpoint):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._io is not None:
+            self._io.wait_for_save()
             self._io.wait_for_uploads()
 
     @override
@@ -404,12 +411,9 @@ class CheckpointSaver(Checkpoint):
             latest_filename=latest,
             metadata={METRIC_KEY: metric} if metric is not None else {},
             local_folder=self.local_folder,
-            after_commit=functools.partial(delete_checkpoints, storage, folder, doomed),
+            after_commit=functools.partial(delete_checkpoints, storage, folder, doomed),  # where it is kept
+            async_save=self.async_save,
         )
-        if result.leader:
-            log.info("Saved checkpoint %s (epoch %d, step %d)", result.path, progress.epoch, progress.batch)
-            if storage.is_local:  # remote folders rotate once the new checkpoint is committed in the store
-                delete_checkpoints(storage, folder, doomed)
         return result.path
 
     @property

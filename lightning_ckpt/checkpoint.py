@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -23,10 +24,20 @@ import torch
 
 from lightning_ckpt import layout
 from lightning_ckpt.manifest import FileEntry, TensorEntry
+from lightning_ckpt.staging import StagedShard, StagingBuffer
 from lightning_ckpt.storage import Storage
-from lightning_ckpt.writer import checksum_of, plan_shard, write_shard_local, write_shard_stream
+from lightning_ckpt.writer import ShardPlan, checksum_of, plan_shard, write_shard_local, write_shard_stream
 
-__all__ = ["library_versions", "remove_checkpoint_dir", "write_objects", "write_shard"]
+__all__ = [
+    "PreparedShard",
+    "library_versions",
+    "pickle_objects",
+    "prepare_shard",
+    "remove_checkpoint_dir",
+    "write_objects",
+    "write_prepared_shard",
+    "write_shard",
+]
 
 
 def library_versions() -> dict[str, str]:
@@ -40,8 +51,59 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def _to_cpu(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (t if t.device.type == "cpu" else t.to("cpu")) for k, t in tensors.items()}
+@dataclass
+class PreparedShard:
+    """One rank's shard, laid out and (when staged) snapshotted, ready to be written.
+
+    Attributes:
+        plan: the shard plan; its tensors are the staged copies when ``staged`` is set.
+        staged: the snapshot in a staging buffer, or ``None`` (written from the tensors' own memory).
+        devices: each tensor's original device, recorded in the manifest for ``map_location``.
+    """
+
+    plan: ShardPlan
+    staged: StagedShard | None
+    devices: dict[str, str]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the shard file."""
+        return self.plan.total_size
+
+
+def prepare_shard(
+    tensors: Mapping[str, torch.Tensor], *, index: int, count: int, staging: StagingBuffer | None = None
+) -> PreparedShard:
+    """Lay out one shard of ``tensors``; with ``staging``, copy them into it (the point-in-time snapshot).
+
+    Tensors on an accelerator are always staged (into pinned memory when ``staging`` is given,
+    else into fresh host memory).
+    """
+    name = layout.shard_filename(index, count)
+    devices = {k: str(t.device) for k, t in tensors.items()}
+    if staging is None:
+        tensors = {k: (t if t.device.type == "cpu" else t.to("cpu")) for k, t in tensors.items()}
+    plan = plan_shard(tensors, file=name)
+    staged = staging.stage(plan) if staging is not None else None
+    return PreparedShard(plan=staged.plan if staged else plan, staged=staged, devices=devices)
+
+
+def write_prepared_shard(
+    storage: Storage, directory: str, shard: PreparedShard, *, rank: int, direct_io: bool = True
+) -> tuple[FileEntry, list[TensorEntry]]:
+    """Write a prepared shard into ``directory``; return its file and tensor entries."""
+    path = storage.join(directory, shard.plan.file)
+    image = None
+    if shard.staged is not None:
+        shard.staged.ready()
+        image = shard.staged.padded
+    if storage.is_local:
+        entry = write_shard_local(path, shard.plan, rank=rank, image=image, direct_io=direct_io)
+    else:
+        with storage.open_write(path) as stream:
+            entry = write_shard_stream(stream, shard.plan, rank=rank, image=image)
+    entries = [TensorEntry(**{**e.__dict__, "device": shard.devices[e.key]}) for e in shard.plan.entries]
+    return entry, entries
 
 
 def write_shard(
@@ -53,25 +115,20 @@ def write_shard(
     count: int,
     rank: int,
 ) -> tuple[FileEntry, list[TensorEntry]]:
-    """Write one shard file of ``tensors`` into ``directory``; return its file and tensor entries."""
-    name = layout.shard_filename(index, count)
-    devices = {k: str(t.device) for k, t in tensors.items()}
-    plan = plan_shard(_to_cpu(tensors), file=name)
-    path = storage.join(directory, name)
-    if storage.is_local:
-        entry = write_shard_local(path, plan, rank=rank)
-    else:
-        with storage.open_write(path) as stream:
-            entry = write_shard_stream(stream, plan, rank=rank)
-    entries = [TensorEntry(**{**e.__dict__, "device": devices[e.key]}) for e in plan.entries]
-    return entry, entries
+    """Write one shard file of ``tensors`` into ``directory`` from their own memory."""
+    return write_prepared_shard(storage, directory, prepare_shard(tensors, index=index, count=count), rank=rank)
+
+
+def pickle_objects(skeleton: Any) -> bytes:
+    """The tensor-free skeleton pickled as ``objects.pt`` (loadable with ``weights_only=True``)."""
+    buffer = io.BytesIO()
+    torch.save(skeleton, buffer)
+    return buffer.getvalue()
 
 
 def write_objects(storage: Storage, directory: str, skeleton: Any, *, rank: int) -> FileEntry:
-    """Pickle the tensor-free skeleton into ``objects.pt`` (loadable with ``weights_only=True``)."""
-    buffer = io.BytesIO()
-    torch.save(skeleton, buffer)
-    data = buffer.getvalue()
+    """Write ``objects.pt``: ``skeleton`` is the tensor-free skeleton or its :func:`pickle_objects` bytes."""
+    data = skeleton if isinstance(skeleton, bytes) else pickle_objects(skeleton)
     path = storage.join(directory, layout.OBJECTS_FILENAME)
     storage.write_bytes_atomic(path, data)
     return FileEntry(name=layout.OBJECTS_FILENAME, size=len(data), checksum=checksum_of(data), rank=rank)

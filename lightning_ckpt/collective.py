@@ -39,15 +39,33 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lightning_ckpt import layout
-from lightning_ckpt.checkpoint import library_versions, write_objects, write_shard
+from lightning_ckpt.checkpoint import (
+    PreparedShard,
+    library_versions,
+    pickle_objects,
+    prepare_shard,
+    write_objects,
+    write_prepared_shard,
+)
 from lightning_ckpt.commit import commit_dir, stage_dir, update_latest
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
 from lightning_ckpt.sharding import assign_by_bytes
+from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.tree import split_tensors
 
-__all__ = ["SaveResult", "WriterHook", "collective_save", "discover_peers", "new_nonce", "save_checkpoint_dir"]
+__all__ = [
+    "PreparedSave",
+    "SaveResult",
+    "WriterHook",
+    "collective_save",
+    "discover_peers",
+    "finish_save",
+    "new_nonce",
+    "prepare_save",
+    "save_checkpoint_dir",
+]
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,145 @@ def _entries(payload: Mapping[str, Any]) -> tuple[list[FileEntry], list[TensorEn
     return files, tensors
 
 
+@dataclass
+class PreparedSave:
+    """A collective save after its blocking part: the plan agreed, this rank's shard laid out (and staged).
+
+    :func:`finish_save` writes and commits it, on the calling thread or in the background.
+    """
+
+    storage: Storage
+    target: str
+    group: list[int]
+    rank: int
+    leader: int
+    pointer: str | None
+    shard: PreparedShard | None
+    objects: bytes | None
+    info: dict[str, Any]
+    exchange: Exchange
+    nonce: str
+    metadata: Mapping[str, Any] | None = None
+    hooks: Sequence[WriterHook] = ()
+    error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        """The checkpoint being saved (path or URL)."""
+        return self.storage.url(self.target)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this rank writes."""
+        return (self.shard.nbytes if self.shard else 0) + len(self.objects or b"")
+
+    @property
+    def result(self) -> SaveResult:
+        """What the save does on this rank once finished."""
+        files = [] if self.shard is None else [self.shard.plan.file]
+        if self.objects is not None:
+            files.append(layout.OBJECTS_FILENAME)
+        return SaveResult(path=self.url, group=tuple(self.group), leader=self.rank == self.leader, files=tuple(files))
+
+
+def prepare_save(
+    checkpoint: Mapping[str, Any],
+    path: str,
+    *,
+    exchange: Exchange,
+    nonce: str,
+    peers: Sequence[int] = (0,),
+    storage_options: Mapping[str, Any] | None = None,
+    latest_filename: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    hooks: Sequence[WriterHook] = (),
+    previous: Exchange | None = None,
+    staging: StagingBuffer | None = None,
+) -> PreparedSave:
+    """The blocking part of :func:`collective_save`: agree on the plan, split, snapshot this rank's share.
+
+    With ``staging`` every tensor and the pickled non-tensor state are copied, so training may
+    change them as soon as this returns. An error after the plan is agreed is kept and reported to
+    every rank at the ``written`` barrier of :func:`finish_save`, so no rank is left waiting.
+    """
+    storage, target = Storage.open(path, storage_options)
+    plans = exchange.barrier("plan", payload=[storage.url(target), latest_filename])
+    if previous is not None:
+        previous.cleanup()
+    group = [r for r in sorted(peers) if r in plans and plans[r][0] == plans[exchange.rank][0]] or [exchange.rank]
+    index, leader = group.index(exchange.rank), group[0]
+    # Several groups in one folder (``{rank}`` in the name) may share a pointer name: the lowest one moves it.
+    same_pointer = [r for r in peers if r in plans and plans[r][1] == latest_filename] or [exchange.rank]
+    prepared = PreparedSave(
+        storage=storage,
+        target=target,
+        group=group,
+        rank=exchange.rank,
+        leader=leader,
+        pointer=latest_filename if leader == min(same_pointer) else None,
+        shard=None,
+        objects=None,
+        info={
+            "epoch": int(checkpoint.get("epoch", 0)),
+            "global_step": int(checkpoint.get("global_step", 0)),
+            "weights_only": "optimizer_states" not in checkpoint,
+        },
+        exchange=exchange,
+        nonce=nonce,
+        metadata=dict(metadata or {}),
+        hooks=tuple(hooks),
+    )
+    try:
+        skeleton, tensors = split_tensors(dict(checkpoint))
+        mine = assign_by_bytes({k: t.numel() * t.element_size() for k, t in tensors.items()}, len(group))[index]
+        prepared.shard = prepare_shard({k: tensors[k] for k in mine}, index=index, count=len(group), staging=staging)
+        if index == 0:
+            prepared.objects = pickle_objects(skeleton)
+    except Exception as err:  # reported to every rank at the "written" barrier
+        prepared.error = err
+    return prepared
+
+
+def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult:
+    """Write this rank's files, meet at the barrier, commit on the leader (steps 2-7 of the module docstring)."""
+    storage, target, exchange = prepared.storage, prepared.target, prepared.exchange
+    folder, name = storage.dirname(target), storage.basename(target)
+    is_leader = exchange.rank == prepared.leader
+    staged = ""
+    error = prepared.error
+    payload: dict[str, Any] = {}
+    if error is None:
+        try:
+            assert prepared.shard is not None
+            staged = stage_dir(storage, folder, name, token=prepared.nonce, leader=is_leader)
+            shard, entries = write_prepared_shard(storage, staged, prepared.shard, rank=exchange.rank,
+                                                  direct_io=direct_io)  # fmt: skip
+            files = [shard]
+            if prepared.objects is not None:
+                files.append(write_objects(storage, staged, prepared.objects, rank=exchange.rank))
+            for hook in prepared.hooks:
+                hook.pre_commit(storage.url(target), rank=exchange.rank)
+            payload = {"files": [asdict(f) for f in files], "tensors": [asdict(e) for e in entries]}
+        except Exception as err:  # reported to every rank by the barrier below
+            error = err
+    try:
+        written = exchange.barrier("written", payload=payload, error=error)
+    except BaseException:
+        if is_leader and staged and storage.is_local:
+            storage.remove_tree(staged)
+        raise
+    commit_error: BaseException | None = None
+    if is_leader:
+        try:
+            _commit(storage, folder, name, staged, prepared, written)
+            for hook in prepared.hooks:
+                hook.post_commit(storage.url(target), rank=exchange.rank)
+        except Exception as err:
+            commit_error = err
+    exchange.barrier("committed", error=commit_error)
+    return prepared.result
+
+
 def collective_save(
     checkpoint: Mapping[str, Any],
     path: str,
@@ -127,7 +284,7 @@ def collective_save(
     hooks: Sequence[WriterHook] = (),
     previous: Exchange | None = None,
 ) -> SaveResult:
-    """Save ``checkpoint`` at ``path`` from every rank (see the module docstring).
+    """Save ``checkpoint`` at ``path`` from every rank (see the module docstring); returns when committed.
 
     Args:
         checkpoint: this rank's checkpoint dict (identical on every rank for replicated DDP state).
@@ -141,83 +298,44 @@ def collective_save(
         hooks: :class:`WriterHook` instances.
         previous: the previous save's exchange; its last keys are deleted once every rank is here.
     """
-    storage, target = Storage.open(path, storage_options)
-    folder, name = storage.dirname(target), storage.basename(target)
-    plans = exchange.barrier("plan", payload=[storage.url(target), latest_filename])
-    if previous is not None:
-        previous.cleanup()
-    group = [r for r in sorted(peers) if r in plans and plans[r][0] == plans[exchange.rank][0]] or [exchange.rank]
-    index, leader = group.index(exchange.rank), group[0]
-    # Several groups in one folder (``{rank}`` in the name) may share a pointer name: the lowest one moves it.
-    same_pointer = [r for r in peers if r in plans and plans[r][1] == latest_filename] or [exchange.rank]
-    pointer = latest_filename if leader == min(same_pointer) else None
-    skeleton, tensors = split_tensors(dict(checkpoint))
-    mine = assign_by_bytes({k: t.numel() * t.element_size() for k, t in tensors.items()}, len(group))[index]
-    staged = ""
-    error: BaseException | None = None
-    payload: dict[str, Any] = {}
-    own: tuple[str, ...] = ()
-    try:
-        staged = stage_dir(storage, folder, name, token=nonce, leader=exchange.rank == leader)
-        shard, entries = write_shard(
-            storage, staged, {k: tensors[k] for k in mine}, index=index, count=len(group), rank=exchange.rank
-        )
-        files = [shard] + ([write_objects(storage, staged, skeleton, rank=exchange.rank)] if index == 0 else [])
-        for hook in hooks:
-            hook.pre_commit(storage.url(target), rank=exchange.rank)
-        payload = {"files": [asdict(f) for f in files], "tensors": [asdict(e) for e in entries]}
-        own = tuple(f.name for f in files)
-    except Exception as err:  # reported to every rank by the barrier below
-        error = err
-    try:
-        written = exchange.barrier("written", payload=payload, error=error)
-    except BaseException:
-        if exchange.rank == leader and staged and storage.is_local:
-            storage.remove_tree(staged)
-        raise
-    commit_error: BaseException | None = None
-    if exchange.rank == leader:
-        try:
-            _commit(storage, folder, name, staged, checkpoint, group, written, pointer, metadata)
-            for hook in hooks:
-                hook.post_commit(storage.url(target), rank=exchange.rank)
-        except Exception as err:
-            commit_error = err
-    exchange.barrier("committed", error=commit_error)
-    return SaveResult(path=storage.url(target), group=tuple(group), leader=exchange.rank == leader, files=own)
+    prepared = prepare_save(
+        checkpoint,
+        path,
+        exchange=exchange,
+        nonce=nonce,
+        peers=peers,
+        storage_options=storage_options,
+        latest_filename=latest_filename,
+        metadata=metadata,
+        hooks=hooks,
+        previous=previous,
+    )
+    return finish_save(prepared)
 
 
 def _commit(
-    storage: Storage,
-    folder: str,
-    name: str,
-    staged: str,
-    checkpoint: Mapping[str, Any],
-    group: list[int],
-    written: Mapping[int, Any],
-    latest_filename: str | None,
-    metadata: Mapping[str, Any] | None,
+    storage: Storage, folder: str, name: str, staged: str, prepared: PreparedSave, written: Mapping[int, Any]
 ) -> None:
     files: list[FileEntry] = []
     tensors: dict[str, TensorEntry] = {}
-    for rank in group:
+    for rank in prepared.group:
         rank_files, rank_tensors = _entries(written[rank])
         files += rank_files
         tensors.update((t.key, t) for t in rank_tensors)
     manifest = Manifest(
         name=name,
-        epoch=int(checkpoint.get("epoch", 0)),
-        global_step=int(checkpoint.get("global_step", 0)),
-        world_size=len(group),
+        epoch=prepared.info["epoch"],
+        global_step=prepared.info["global_step"],
+        world_size=len(prepared.group),
         files=files,
         tensors=tensors,
-        weights_only="optimizer_states" not in checkpoint,
+        weights_only=prepared.info["weights_only"],
         versions=library_versions(),
-        metadata={**dict(metadata or {}), "writer_ranks": group},
+        metadata={**dict(prepared.metadata or {}), "writer_ranks": prepared.group},
     )
     commit_dir(storage, folder, name, staged, manifest)
-    if latest_filename is not None:
-        update_latest(storage, folder, name, latest_filename)
+    if prepared.pointer is not None:
+        update_latest(storage, folder, name, prepared.pointer)
 
 
 def new_nonce() -> str:

@@ -120,13 +120,20 @@ class TinyRegressor(L.LightningModule):
 
 
 class KillAtStep(L.Callback):
-    """Kills its own process with SIGKILL once ``trainer.global_step`` reaches ``step`` (for tests)."""
+    """Kills its own process with SIGKILL once ``trainer.global_step`` reaches ``step`` (for tests).
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    With ``settle`` (default) it first lets an asynchronous save in flight commit, so which
+    checkpoint survives does not depend on timing; ``settle=False`` kills mid-write.
+    """
+
+    def __init__(self, step: int, settle: bool = True) -> None:
+        self.step, self.settle = step, settle
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step >= self.step:
+            io = trainer.strategy.checkpoint_io
+            if self.settle and hasattr(io, "wait_for_save"):
+                io.wait_for_save()
             os.kill(os.getpid(), signal.SIGKILL)
 
 

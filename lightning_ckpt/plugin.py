@@ -27,7 +27,9 @@ import fcntl
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -37,17 +39,20 @@ from typing_extensions import override
 from lightning_ckpt import layout
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import (
+    PreparedSave,
     SaveResult,
     WriterHook,
-    collective_save,
     discover_peers,
+    finish_save,
     new_nonce,
-    save_checkpoint_dir,
+    prepare_save,
 )
 from lightning_ckpt.discovery import Resolved, list_committed, resolve
 from lightning_ckpt.dist import Exchange, default_store, exchange_rank
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError
 from lightning_ckpt.reader import MapLocation, load_checkpoint_dir
+from lightning_ckpt.staging import StagingBuffer
+from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, download_checkpoint
 from lightning_ckpt.upload import Uploader, UploadJob
@@ -71,6 +76,13 @@ class ShardedCheckpointIO(CheckpointIO):
             default ``~/.cache/lightning_ckpt``.
         upload_retry: how transient upload failures are retried (default ``RetryPolicy()``: 8 tries,
             exponential backoff from 0.5 s).
+        async_save: return from a save once the tensors are copied into reused staging buffers
+            (pinned memory for CUDA tensors) and write, commit and upload in the background, one
+            save in flight. Off by default here, because Lightning's own callers
+            (``ModelCheckpoint``, ``trainer.save_checkpoint``) expect the file on return;
+            :class:`~lightning_ckpt.CheckpointSaver` saves asynchronously by default.
+        direct_io: write shards with ``O_DIRECT`` (large aligned writes, no page-cache copy) where
+            the filesystem supports it; ``False`` uses buffered writes.
 
     Example:
         >>> import tempfile, os, torch
@@ -94,6 +106,8 @@ class ShardedCheckpointIO(CheckpointIO):
         upload_timeout_in_seconds: float = 3600.0,
         cache_dir: str | None = None,
         upload_retry: RetryPolicy | None = None,
+        async_save: bool = False,
+        direct_io: bool = True,
     ) -> None:
         if storage_options is not None and not isinstance(storage_options, Mapping):
             raise TypeError(
@@ -114,6 +128,19 @@ class ShardedCheckpointIO(CheckpointIO):
                                 ("upload_timeout_in_seconds", upload_timeout_in_seconds)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(argument, value, "4" if argument.startswith("num") else "3600")
+        for argument, flag in (
+            ("async_save", async_save),
+            ("direct_io", direct_io),
+            ("verify_checksums", verify_checksums),
+        ):
+            if not isinstance(flag, bool):
+                raise ConfigError(argument, flag, "True or False")
+        self.async_save = async_save
+        self.direct_io = direct_io
+        self._staging = StagingBuffer()
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: list[Future[Any]] = []
+        self.last_save: SaveStats | None = None
         self.storage_options = dict(storage_options or {})
         self.verify_checksums = verify_checksums
         self.num_concurrent_uploads = int(num_concurrent_uploads)
@@ -135,7 +162,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self.loaded_path: str | None = None
 
     def __repr__(self) -> str:
-        return f"ShardedCheckpointIO(verify_checksums={self.verify_checksums})"
+        return f"ShardedCheckpointIO(async_save={self.async_save}, verify_checksums={self.verify_checksums})"
 
     def _options(self, storage_options: Any) -> dict[str, Any]:
         if storage_options is None:
@@ -146,8 +173,22 @@ class ShardedCheckpointIO(CheckpointIO):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Write ``checkpoint`` as a one-shard checkpoint directory at ``path`` (atomic locally)."""
-        save_checkpoint_dir(checkpoint, os.fspath(path), storage_options=self._options(storage_options))
+        """Write ``checkpoint`` as a one-shard checkpoint directory at ``path`` (atomic locally).
+
+        With ``async_save=True`` this returns once the tensors are staged; see :meth:`wait_for_save`.
+        """
+        options = self._options(storage_options)
+        target = os.fspath(path)
+        name = os.path.basename(target.rstrip("/"))
+        if not layout.is_plain_name(name):
+            raise ValueError(f"path={target!r} must name a checkpoint directory, e.g. '/data/ckpts/ep0-ba100'")
+        alone = Exchange(None, 0, 1, prefix="single", timeout_s=0)
+
+        def prepare(staging: StagingBuffer | None) -> PreparedSave:
+            return prepare_save(checkpoint, target, exchange=alone, nonce=new_nonce(), storage_options=options,
+                                staging=staging)  # fmt: skip
+
+        self._run_save(prepare, asynchronous=self.async_save)
 
     def save_collective(
         self,
@@ -158,65 +199,164 @@ class ShardedCheckpointIO(CheckpointIO):
         metadata: Mapping[str, Any] | None = None,
         local_folder: str | None = None,
         after_commit: Callable[[], None] | None = None,
+        async_save: bool | None = None,
     ) -> SaveResult:
         """Save from every rank at once (all ranks must call this together).
 
         For a remote ``path`` the checkpoint is committed in ``local_folder`` (default: a cache
-        directory for that remote folder) and uploaded in the background; ``after_commit`` runs
-        on the committing rank once it is committed remotely (rotation).
+        directory for that remote folder) and uploaded in the background. ``after_commit`` runs on
+        the committing rank once the checkpoint is committed where it is kept (in the store for a
+        remote ``path``): the place for rotation. ``async_save`` overrides the plugin's setting.
         """
+        asynchronous = self.async_save if async_save is None else async_save
         remote_storage, remote_target = Storage.open(os.fspath(path), self.storage_options)
+        target, then = os.fspath(path), after_commit
         if not remote_storage.is_local:
-            remote_folder = remote_storage.dirname(remote_target)
-            local_root = local_folder or self.cache_for(remote_storage.url(remote_folder), "uploads")
-            name = remote_storage.basename(remote_target)
-            result = self.save_collective(
-                checkpoint, os.path.join(local_root, name), latest_filename=latest_filename, metadata=metadata
-            )
-            uploader = self.uploader(remote_storage.url(remote_folder))
-
-            def committed_remotely() -> None:
-                if after_commit is not None:
-                    after_commit()
-                prune_local_copies(local_root, keep=name, uploaded=uploader.committed)
-
-            uploader.submit(
-                UploadJob(
-                    local_dir=result.path,
-                    name=name,
-                    files=result.files,
-                    commit=result.leader,
-                    members=result.group,
-                    store=default_store(),
-                    key=f"lightning_ckpt/{self._namespace}/upload{self._saves}",
-                    rank=exchange_rank(),
-                    pointer=latest_filename,
-                    after_commit=committed_remotely,
-                )
-            )
-            return SaveResult(path=remote_storage.url(remote_target), group=result.group, leader=result.leader,
-                              files=result.files)  # fmt: skip
+            remote_folder = remote_storage.url(remote_storage.dirname(remote_target))
+            local_root = local_folder or self.cache_for(remote_folder, "uploads")
+            target = os.path.join(local_root, remote_storage.basename(remote_target))
+            then = None
         exchange = Exchange.current(prefix=f"{self._namespace}/save{self._saves}", timeout_s=self.barrier_timeout_s)
         self._saves += 1
-        if self._nonce is None:
-            self._nonce = exchange.child("nonce").broadcast("value", new_nonce() if exchange.rank == 0 else None)
-        storage, target = Storage.open(os.fspath(path), self.storage_options)
-        folder = storage.dirname(target)
-        if folder not in self._peers:
-            self._peers[folder] = discover_peers(exchange.child("peers"), storage, folder)
-        previous, self._previous = self._previous, exchange
-        return collective_save(
-            checkpoint,
-            os.fspath(path),
-            exchange=exchange,
-            previous=previous,
-            nonce=f"{self._nonce}{self._saves}",
-            peers=self._peers[folder],
-            storage_options=self.storage_options,
-            latest_filename=latest_filename,
-            metadata=metadata,
-            hooks=self.writer_hooks,
+        upload_key = f"lightning_ckpt/{self._namespace}/upload{self._saves}"
+
+        def prepare(staging: StagingBuffer | None) -> PreparedSave:
+            if self._nonce is None:
+                self._nonce = exchange.child("nonce").broadcast("value", new_nonce() if exchange.rank == 0 else None)
+            storage, local_target = Storage.open(target, self.storage_options)
+            folder = storage.dirname(local_target)
+            if folder not in self._peers:
+                self._peers[folder] = discover_peers(exchange.child("peers"), storage, folder)
+            previous, self._previous = self._previous, exchange
+            return prepare_save(
+                checkpoint,
+                target,
+                exchange=exchange,
+                previous=previous,
+                nonce=f"{self._nonce}{self._saves}",
+                peers=self._peers[folder],
+                storage_options=self.storage_options,
+                latest_filename=latest_filename,
+                metadata=metadata,
+                hooks=self.writer_hooks,
+                staging=staging,
+            )
+
+        def committed(result: SaveResult) -> None:
+            if remote_storage.is_local:
+                if then is not None and result.leader:
+                    then()
+                return
+            self._submit_upload(result, remote_storage, remote_target, latest_filename, upload_key, after_commit)
+
+        result = self._run_save(prepare, asynchronous=asynchronous, committed=committed)
+        if not remote_storage.is_local:
+            return SaveResult(path=remote_storage.url(remote_target), group=result.group, leader=result.leader,
+                              files=result.files)  # fmt: skip
+        return result
+
+    def _submit_upload(
+        self,
+        local: SaveResult,
+        remote_storage: Storage,
+        remote_target: str,
+        latest_filename: str | None,
+        key: str,
+        after_commit: Callable[[], None] | None,
+    ) -> None:
+        """Queue the upload of a locally committed checkpoint of a remote folder (on every rank)."""
+        remote_folder = remote_storage.url(remote_storage.dirname(remote_target))
+        name = remote_storage.basename(remote_target)
+        local_root = os.path.dirname(local.path)
+        uploader = self.uploader(remote_folder)
+
+        def committed_remotely() -> None:
+            if after_commit is not None:
+                after_commit()
+            prune_local_copies(local_root, keep=name, uploaded=uploader.committed)
+
+        uploader.submit(
+            UploadJob(
+                local_dir=local.path,
+                name=name,
+                files=local.files,
+                commit=local.leader,
+                members=local.group,
+                store=default_store(),
+                key=key,
+                rank=exchange_rank(),
+                pointer=latest_filename,
+                after_commit=committed_remotely,
+            )
         )
+
+    # -- the save pipeline: one save in flight ---------------------------------------------------
+    def _run_save(
+        self,
+        prepare: Callable[[StagingBuffer | None], PreparedSave],
+        *,
+        asynchronous: bool,
+        committed: Callable[[SaveResult], None] | None = None,
+    ) -> SaveResult:
+        """Wait for the previous save, run ``prepare`` (the blocking part), then write and commit,
+        in the background when ``asynchronous``. Returns what the save does on this rank."""
+        start = time.perf_counter()
+        self.wait_for_save()
+        waited = time.perf_counter() - start
+        prepared = prepare(self._staging if asynchronous else None)
+        stats = SaveStats(path=prepared.url, nbytes=prepared.nbytes, waited_s=waited, asynchronous=asynchronous)
+
+        def finish() -> SaveResult:
+            began = time.perf_counter()
+            result = finish_save(prepared, direct_io=self.direct_io)
+            done = time.perf_counter()
+            stats.finished(write_s=done - began, durable_s=done - start)
+            if result.leader:
+                log.info(
+                    "Saved checkpoint %s: %.2f GB in %.2f s (%.2f GB/s), training blocked %.3f s",
+                    result.path, stats.nbytes / 1e9, stats.write_s, stats.write_gbps, stats.blocking_s,
+                )  # fmt: skip
+            if committed is not None:
+                committed(result)
+            return result
+
+        self.last_save = stats
+        if not asynchronous:
+            result = finish()
+            stats.blocking_s = time.perf_counter() - start
+            return result
+        self._in_flight.append(self._background().submit(finish))
+        stats.blocking_s = time.perf_counter() - start
+        return prepared.result
+
+    def _background(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-save")
+        return self._executor
+
+    def wait_for_save(self) -> None:
+        """Block until the save in flight (if any) is durably committed; raise its error (once, with its type).
+
+        Example:
+            >>> import tempfile, os, torch
+            >>> io = ShardedCheckpointIO(async_save=True)
+            >>> path = os.path.join(tempfile.mkdtemp(), "ba1")
+            >>> io.save_checkpoint({"w": torch.ones(2), "global_step": 1}, path)
+            >>> io.wait_for_save()
+            >>> sorted(os.listdir(path))[0], io.last_save.durable_s > 0
+            ('manifest.json', True)
+        """
+        pending, self._in_flight = self._in_flight, []
+        if pending and not all(f.done() for f in pending):
+            log.info("Waiting for the previous checkpoint save to finish")
+        errors = []
+        for future in pending:
+            try:
+                future.result()
+            except Exception as err:
+                errors.append(err)
+        if errors:
+            raise errors[0]
 
     def cache_for(self, remote_folder_url: str, kind: str) -> str:
         """The local cache directory of a remote folder (``kind``: ``"uploads"`` or ``"downloads"``)."""
@@ -238,6 +378,7 @@ class ShardedCheckpointIO(CheckpointIO):
 
     def wait_for_uploads(self) -> None:
         """Block until this rank's uploads are done (bounded by ``upload_timeout_in_seconds``); raise their error."""
+        self.wait_for_save()  # its upload is queued once it commits locally
         for uploader in list(self._uploaders.values()):
             uploader.wait()
 
@@ -287,6 +428,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self, path: Any, map_location: MapLocation = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Load a checkpoint directory, folder (newest committed), pointer, URL or legacy ``.ckpt`` file."""
+        self.wait_for_save()
         redirected = self._redirects.pop(os.fspath(path), None)
         resolved = resolve(redirected or os.fspath(path), self.storage_options)
         if resolved.from_folder and redirected is None:
@@ -312,14 +454,29 @@ class ShardedCheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         """Delete a checkpoint (manifest first) or a legacy file; a missing path is not an error."""
         storage, target = Storage.open(os.fspath(path), self.storage_options)
-        if storage.exists(target):
-            remove_checkpoint_dir(storage, target)
+
+        def remove() -> None:
+            if storage.exists(target):
+                remove_checkpoint_dir(storage, target)
+
+        if self._in_flight:  # after the save in flight, in order (ModelCheckpoint removes right after saving)
+            self._in_flight.append(self._background().submit(remove))
+        else:
+            remove()
 
     @override
     def teardown(self) -> None:
         """Wait (bounded) for background uploads, stop them, and raise an unreported upload error once."""
         uploaders, self._uploaders = self._uploaders, {}
         errors = []
+        try:
+            self.wait_for_save()
+        except Exception as err:
+            errors.append(err)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        self._staging.release()
         for uploader in uploaders.values():
             try:
                 uploader.close()

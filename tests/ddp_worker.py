@@ -30,9 +30,10 @@ class KillRank(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_rank == self.rank and trainer.global_step >= self.step:
+            io = trainer.strategy.checkpoint_io
+            assert isinstance(io, ShardedCheckpointIO)
+            io.wait_for_save()  # the save in flight commits first: which checkpoint survives is then certain
             if self.after_uploads:
-                io = trainer.strategy.checkpoint_io
-                assert isinstance(io, ShardedCheckpointIO)
                 io.wait_for_uploads()
             os.kill(os.getpid(), signal.SIGKILL)
 
