@@ -28,7 +28,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -49,6 +49,8 @@ __all__ = [
     "resume_step",
     "use_checkpoint_io",
 ]
+
+T = TypeVar("T")
 
 
 class LastCheckpointProvider(Protocol):
@@ -84,16 +86,16 @@ def progress(trainer: Trainer) -> Progress:
     )
 
 
-def decide_on_rank_zero(trainer: Trainer, decide: Callable[[], bool]) -> bool:
-    """Evaluate ``decide`` on global rank 0 only and give every rank its answer.
+def decide_on_rank_zero(trainer: Trainer, decide: Callable[[], T]) -> T:
+    """Evaluate ``decide`` on global rank 0 only and give every rank its answer (one broadcast).
 
     Used for decisions ranks could disagree on (clocks, user callables); a disagreement about
     whether to save would leave some ranks waiting at the barrier.
     """
     if trainer.world_size == 1:
         return decide()
-    decision = decide() if trainer.is_global_zero else False
-    return bool(trainer.strategy.broadcast(decision, src=0))
+    decision = decide() if trainer.is_global_zero else None
+    return trainer.strategy.broadcast(decision, src=0)  # type: ignore[return-value]
 
 
 def resume_step(trainer: Trainer) -> int:

@@ -30,7 +30,7 @@ from lightning_ckpt import _lightning, layout
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, FolderConflictError
-from lightning_ckpt.interval import Event, SavePoint, SaveSchedule, parse_save_interval
+from lightning_ckpt.interval import AgreementCadence, Event, SavePoint, SaveSchedule, parse_save_interval
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.plugin import ShardedCheckpointIO
 from lightning_ckpt.policies import CheckpointRecord, build_retention_policy
@@ -268,6 +268,7 @@ class CheckpointSaver(Checkpoint):
         self._best_from_workers = path
 
     _folder: str | None = None
+    _cadence = AgreementCadence(None)
     _agree_in_setup: bool = False
     _leftovers_done: bool = False
     _io_trainer: int = 0
@@ -304,6 +305,8 @@ class CheckpointSaver(Checkpoint):
                 " CheckpointSaver(overwrite=True) to save over them, or choose another folder."
             )
         self.save_interval.start(time.monotonic())
+        self._cadence = AgreementCadence(self.save_interval.agreement_granularity_s)
+        self._cadence.start(trainer.global_step, time.monotonic())
 
     def _plugin(self, trainer: Trainer) -> ShardedCheckpointIO:
         """The plugin this saver writes through for ``trainer``, with this saver's remote settings (made once)."""
@@ -371,12 +374,24 @@ class CheckpointSaver(Checkpoint):
         step = trainer.global_step
         if step == self._last_saved_step or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
-        point = SavePoint(event=event, epoch=trainer.current_epoch, batch=step)
-        now = time.monotonic()
-        if self.save_interval.needs_agreement:
-            due = _lightning.decide_on_rank_zero(trainer, lambda: self.save_interval.is_due(point, trainer, now))
+        schedule = self.save_interval
+        if schedule.needs_agreement and trainer.world_size > 1:
+            at_batch = event is Event.BATCH_END
+            if at_batch and not self._cadence.is_check_step(step):  # between agreements: no collective, no clock
+                return
+            point = SavePoint(event=event, epoch=trainer.current_epoch, batch=step)
+            now = time.monotonic()
+
+            def decide() -> tuple[bool, int | None]:
+                return schedule.is_due(point, trainer, now), self._cadence.next_check(step, now) if at_batch else None
+
+            due, next_check = _lightning.decide_on_rank_zero(trainer, decide)
+            if next_check is not None:
+                self._cadence.adopt(next_check)
         else:
-            due = self.save_interval.is_due(point, trainer, now)
+            point = SavePoint(event=event, epoch=trainer.current_epoch, batch=step)
+            now = time.monotonic()
+            due = schedule.is_due(point, trainer, now)
         if due:
             self.save(trainer)
             self.save_interval.mark_saved(point, now)

@@ -29,6 +29,7 @@ from typing import ClassVar
 from lightning_ckpt.errors import ConfigError
 
 __all__ = [
+    "AgreementCadence",
     "CallableSchedule",
     "Event",
     "EveryDuration",
@@ -97,6 +98,10 @@ class SaveSchedule(abc.ABC):
 
     needs_agreement: ClassVar[bool] = False
     """True when ranks could disagree; the caller then decides on rank 0 and broadcasts."""
+
+    agreement_granularity_s: float | None = None
+    """For schedules that need agreement: how late a save may come, in seconds, so ranks need to agree
+    only about that often (see :class:`AgreementCadence`); ``None``: agree at every save point."""
 
     def start(self, now: float) -> None:  # noqa: B027 (optional hook)
         """Called once at fit start with the current :func:`time.monotonic` reading."""
@@ -181,6 +186,7 @@ class EveryDuration(SaveSchedule):
             raise ConfigError("seconds", seconds, "1800.0", "It must be a positive number of seconds")
         self.seconds = float(seconds)
         self._last: float | None = None
+        self.agreement_granularity_s = min(self.seconds / 20, 60.0)
 
     def start(self, now: float) -> None:
         """Start the clock."""
@@ -223,6 +229,58 @@ class CallableSchedule(SaveSchedule):
 
     def __repr__(self) -> str:
         return f"CallableSchedule({getattr(self.fn, '__qualname__', repr(self.fn))})"
+
+
+class AgreementCadence:
+    """At which steps ranks agree on a schedule that needs agreement, so other steps cost nothing.
+
+    Agreeing is a broadcast from rank 0: doing it at every step would put a collective in every
+    training step. Instead rank 0, when it answers, also names the next step at which to ask
+    again: as many steps as fit in the schedule's granularity at the step rate it measured. Every
+    rank receives the same number, so between agreements the check is one integer comparison and
+    all ranks still ask at the same steps.
+
+    Example:
+        >>> cadence = AgreementCadence(granularity_s=1.0)
+        >>> cadence.is_check_step(0)
+        True
+        >>> cadence.start(step=0, now=0.0)
+        >>> cadence.next_check(step=10, now=0.5)  # rank 0: 20 steps/s, so ask again in 20 steps
+        30
+        >>> cadence.adopt(30); cadence.is_check_step(29), cadence.is_check_step(30)
+        (False, True)
+    """
+
+    def __init__(self, granularity_s: float | None) -> None:
+        self.granularity_s = granularity_s
+        self._next = 0
+        self._since: tuple[int, float] | None = None
+
+    def start(self, step: int, now: float) -> None:
+        """Start measuring the step rate (rank 0; harmless elsewhere)."""
+        self._since = (step, now)
+        self._next = step
+
+    def is_check_step(self, step: int) -> bool:
+        """Whether ranks agree at ``step`` (the only per-step work: one comparison)."""
+        return step >= self._next
+
+    def next_check(self, step: int, now: float) -> int:
+        """Rank 0: the step at which to agree next, from the step rate since the last check."""
+        if self.granularity_s is None or self._since is None:
+            self._since = (step, now)
+            return step + 1
+        last_step, last_time = self._since
+        self._since = (step, now)
+        elapsed = now - last_time
+        if step <= last_step or elapsed <= 0:
+            return step + 1
+        stride = int(self.granularity_s * (step - last_step) / elapsed)
+        return step + max(1, min(stride, 1_000_000))
+
+    def adopt(self, next_step: int) -> None:
+        """Every rank: remember the step rank 0 named."""
+        self._next = next_step
 
 
 def _parse_string(value: str, argument: str) -> SaveSchedule:

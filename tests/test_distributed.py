@@ -291,3 +291,14 @@ def test_callable_interval_is_decided_on_rank_zero(tmp_path: Path) -> None:
     assert _committed(folder) == ["ep0-ba4", "ep1-ba8"]
     files = json.loads((folder / "ep1-ba8" / "manifest.json").read_text())["files"]
     assert {f["rank"] for f in files} == {0, 1}
+
+
+def test_time_interval_ranks_agree_only_at_steps_rank_zero_names(tmp_path: Path) -> None:
+    """Clock-based saves: rank 0 decides and names the next step to ask; every rank saves the same checkpoints."""
+    folder = tmp_path / "ckpts"
+    _ok(run_ddp(2, "--folder", str(folder), "--epochs", "10", "--interval", "0.05s", "--latest", "latest"))
+    committed = _committed(folder)
+    assert committed, "a 0.05 s interval over a 40-step run saves at least once"
+    for name in committed:
+        files = json.loads((folder / name / "manifest.json").read_text())["files"]
+        assert {f["rank"] for f in files} == {0, 1}, f"{name} was written by both ranks together"

@@ -7,6 +7,7 @@ import pytest
 
 from lightning_ckpt.errors import ConfigError
 from lightning_ckpt.interval import (
+    AgreementCadence,
     CallableSchedule,
     Event,
     EveryDuration,
@@ -228,3 +229,25 @@ def test_constructors_reject(make: Any, value: object, message: str) -> None:
 def test_event_is_a_string() -> None:
     assert Event.BATCH_END == "batch_end"
     assert Event("epoch_end") is Event.EPOCH_END
+
+
+def test_agreement_cadence_asks_every_step_without_granularity() -> None:
+    cadence = AgreementCadence(None)
+    cadence.start(step=0, now=0.0)
+    assert [cadence.next_check(step, now=step * 10.0) for step in (1, 2, 3)] == [2, 3, 4]
+
+
+def test_agreement_cadence_spaces_checks_by_the_measured_step_rate() -> None:
+    cadence = AgreementCadence(granularity_s=60.0)
+    cadence.start(step=100, now=1000.0)
+    assert cadence.next_check(step=200, now=1010.0) == 200 + 600  # 10 steps/s: ask again in a minute
+    cadence.adopt(800)
+    assert not cadence.is_check_step(799) and cadence.is_check_step(800)
+    assert cadence.next_check(step=800, now=1010.0 + 600.0) == 800 + 60  # slowed to 1 step/s
+    assert cadence.next_check(step=801, now=1e9) == 802  # very slow steps: never less than one
+
+
+def test_duration_granularity_is_a_twentieth_capped_at_a_minute() -> None:
+    assert EveryDuration(10).agreement_granularity_s == 0.5
+    assert EveryDuration(3600).agreement_granularity_s == 60.0
+    assert EveryNBatches(5).agreement_granularity_s is None
