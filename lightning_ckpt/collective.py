@@ -19,6 +19,11 @@ Call sequence (every rank calls :func:`collective_save` at the same point of tra
 6. (leaders) ``WriterHook.post_commit(path, rank=...)`` for every hook.
 7. (all ranks) **barrier** ``committed``: a failed commit raises on every rank.
 
+Step 1 and the layout (and, for an asynchronous save, the copy of this rank's tensors into a
+staging buffer) are :func:`prepare_save`, the part that blocks training; steps 2-7 are
+:func:`finish_save`, which may run on a background thread: the barriers go through the key-value
+store, never through a collective of the process group, so they do not interfere with training.
+
 Example:
     >>> import tempfile, os, torch
     >>> from lightning_ckpt.dist import Exchange

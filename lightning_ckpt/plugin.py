@@ -467,12 +467,12 @@ class ShardedCheckpointIO(CheckpointIO):
     @override
     def teardown(self) -> None:
         """Wait (bounded) for background uploads, stop them, and raise an unreported upload error once."""
-        uploaders, self._uploaders = self._uploaders, {}
         errors = []
-        try:
+        try:  # first: the save in flight queues its upload when it commits (Lightning tears down before on_fit_end)
             self.wait_for_save()
         except Exception as err:
             errors.append(err)
+        uploaders, self._uploaders = self._uploaders, {}
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
