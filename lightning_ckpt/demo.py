@@ -161,13 +161,20 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _run(
-    folder: str, *, kill_at: int | None, resume: bool, interval: str = "4ba", keep: int = 2, epochs: int = 3
+    folder: str,
+    *,
+    kill_at: int | None,
+    resume: bool,
+    interval: str = "4ba",
+    keep: int = 2,
+    epochs: int = 3,
+    settle: bool = True,
 ) -> TinyRegressor:
     from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO
 
     L.seed_everything(0, verbose=False)
     saver = CheckpointSaver(folder=folder, save_interval=interval, num_checkpoints_to_keep=keep, run_name="demo")
-    callbacks: list[L.Callback] = [saver] + ([KillAtStep(kill_at)] if kill_at else [])
+    callbacks: list[L.Callback] = [saver] + ([KillAtStep(kill_at, settle=settle)] if kill_at else [])
     trainer = build_trainer(folder, max_epochs=epochs, callbacks=callbacks, plugins=[ShardedCheckpointIO()])
     model = TinyRegressor()
     trainer.fit(model, ckpt_path="last" if resume else None)
@@ -184,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--save-weights", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-settle", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         model = _run(
@@ -193,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             interval=args.interval,
             keep=args.keep,
             epochs=args.epochs,
+            settle=not args.no_settle,
         )
         if args.save_weights:
             torch.save(state_of(model), args.save_weights)
