@@ -78,25 +78,28 @@ def split_tensors(checkpoint: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     two paths collide. The input is not modified.
     """
     tensors: dict[str, torch.Tensor] = {}
+    return _split(checkpoint, (), tensors), tensors
 
-    def visit(value: Any, path: tuple[str, ...]) -> Any:
-        if _is_raw_storable(value):
-            key = "/".join(path) or "tensor"
-            unique, n = key, 1
-            while unique in tensors:
-                unique, n = f"{key}#{n}", n + 1
-            tensors[unique] = value.detach()
-            return {TENSOR_MARKER: unique}
-        if isinstance(value, dict):
-            out = {k: visit(v, (*path, _key_part(k))) for k, v in value.items()}
-            return out if type(value) is dict else _rebuild(value, out)
-        if isinstance(value, list) and type(value) is list:
-            return [visit(v, (*path, str(i))) for i, v in enumerate(value)]
-        if isinstance(value, tuple) and type(value) is tuple:
-            return tuple(visit(v, (*path, str(i))) for i, v in enumerate(value))
-        return value
 
-    return visit(checkpoint, ()), tensors
+# The walkers are module functions, not closures that call themselves: a self-referencing closure
+# is a reference cycle, which would keep every tensor of a loaded checkpoint (memory-mapped files)
+# alive until the cycle collector happens to run.
+def _split(value: Any, path: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> Any:
+    if _is_raw_storable(value):
+        key = "/".join(path) or "tensor"
+        unique, n = key, 1
+        while unique in tensors:
+            unique, n = f"{key}#{n}", n + 1
+        tensors[unique] = value.detach()
+        return {TENSOR_MARKER: unique}
+    if isinstance(value, dict):
+        out = {k: _split(v, (*path, _key_part(k)), tensors) for k, v in value.items()}
+        return out if type(value) is dict else _rebuild(value, out)
+    if isinstance(value, list) and type(value) is list:
+        return [_split(v, (*path, str(i)), tensors) for i, v in enumerate(value)]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_split(v, (*path, str(i)), tensors) for i, v in enumerate(value))
+    return value
 
 
 def _rebuild(original: Mapping[Any, Any], items: dict[Any, Any]) -> Any:
@@ -120,24 +123,25 @@ def merge_tensors(
         on_missing: called with a key that ``tensors`` lacks; by default a ``KeyError`` is raised.
     """
 
-    def visit(value: Any) -> Any:
-        if isinstance(value, dict):
-            if len(value) == 1 and TENSOR_MARKER in value:
-                key = value[TENSOR_MARKER]
-                if key in tensors:
-                    return tensors[key]
-                if on_missing is None:
-                    raise KeyError(key)
-                return on_missing(key)
-            out = {k: visit(v) for k, v in value.items()}
-            return out if type(value) is dict else _rebuild(value, out)
-        if type(value) is list:
-            return [visit(v) for v in value]
-        if type(value) is tuple:
-            return tuple(visit(v) for v in value)
-        return value
+    return _merge(skeleton, tensors, on_missing)
 
-    return visit(skeleton)
+
+def _merge(value: Any, tensors: Mapping[str, torch.Tensor], on_missing: Callable[[str], Any] | None) -> Any:
+    if isinstance(value, dict):
+        if len(value) == 1 and TENSOR_MARKER in value:
+            key = value[TENSOR_MARKER]
+            if key in tensors:
+                return tensors[key]
+            if on_missing is None:
+                raise KeyError(key)
+            return on_missing(key)
+        out = {k: _merge(v, tensors, on_missing) for k, v in value.items()}
+        return out if type(value) is dict else _rebuild(value, out)
+    if type(value) is list:
+        return [_merge(v, tensors, on_missing) for v in value]
+    if type(value) is tuple:
+        return tuple(_merge(v, tensors, on_missing) for v in value)
+    return value
 
 
 def drop_paths(checkpoint: dict[str, Any], patterns: Sequence[str]) -> dict[str, Any]:
@@ -151,15 +155,16 @@ def drop_paths(checkpoint: dict[str, Any], patterns: Sequence[str]) -> dict[str,
         {'state_dict': {'b.weight': 2}, 'epoch': 0}
     """
 
-    def visit(node: Any, prefix: str) -> None:
-        if not isinstance(node, dict):
-            return
-        for key in list(node):
-            path = f"{prefix}/{key}" if prefix else str(key)
-            if any(fnmatch.fnmatchcase(path, p) for p in patterns):
-                del node[key]
-            else:
-                visit(node[key], path)
-
-    visit(checkpoint, "")
+    _drop(checkpoint, "", patterns)
     return checkpoint
+
+
+def _drop(node: Any, prefix: str, patterns: Sequence[str]) -> None:
+    if not isinstance(node, dict):
+        return
+    for key in list(node):
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if any(fnmatch.fnmatchcase(path, p) for p in patterns):
+            del node[key]
+        else:
+            _drop(node[key], path, patterns)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 import zlib
 from pathlib import Path
 
@@ -217,3 +219,16 @@ def test_latest_of_a_file_names_the_folder(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match=r"folder=.*f' is a file"):
         latest(tmp_path / "f")
+
+
+def test_a_loaded_checkpoint_is_freed_as_soon_as_it_is_dropped(tmp_path: Path) -> None:
+    """No reference cycle keeps the memory-mapped shards alive until the cycle collector runs."""
+    path = save_checkpoint_dir({"state_dict": {"w": torch.ones(1000)}, "global_step": 1}, str(tmp_path / "c"))
+    gc.disable()
+    try:
+        loaded = read_checkpoint(path)
+        alive = weakref.ref(loaded["state_dict"]["w"])
+        del loaded
+        assert alive() is None
+    finally:
+        gc.enable()
