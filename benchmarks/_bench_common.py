@@ -41,7 +41,7 @@ STAGING_BYTES = 64 * MIB
 def make_state(gib: float, seed: int = 0) -> dict[str, Any]:
     """A Lightning checkpoint dict of ~``gib`` GiB of fp32 tensors: parameters plus Adam's two moments.
 
-    Square layers of width 2048 (16 MiB each) as in ``bench_save_load.py``; smaller states (``--smoke``)
+    Square layers of width 2048 (16 MiB each); smaller states (``--smoke``)
     use narrower layers so that they still have a dozen or more tensors of each kind.
     """
     torch.manual_seed(seed)

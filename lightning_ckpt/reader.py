@@ -5,7 +5,8 @@ the kernel to read them ahead in large requests: tensors are views into the page
 loading allocates no second full-size copy and the model's ``load_state_dict`` copies straight
 from the mapping into the existing parameters. Remote shards are read into one buffer each.
 
-Verification: sizes always; CRC32 checksums unless ``verify_checksums=False``. Every failure is
+Verification: sizes always; CRC32 checksums unless ``verify_checksums=False`` (on all cores, see
+:mod:`lightning_ckpt.checksum`). Every failure is
 a :class:`~lightning_ckpt.errors.CorruptCheckpointError` naming the file and what was expected.
 
 Example:
@@ -22,13 +23,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import zlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lightning_ckpt import layout
+from lightning_ckpt.checksum import checksum_string, parallel_crc32
 from lightning_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 from lightning_ckpt.manifest import FileEntry, Manifest
 from lightning_ckpt.storage import Storage
@@ -37,7 +38,6 @@ from lightning_ckpt.tree import merge_tensors
 __all__ = ["MapLocation", "load_checkpoint_dir", "read_checkpoint", "read_manifest", "verify_files"]
 
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
-_VERIFY_CHUNK = 64 * 1024 * 1024
 
 
 def read_manifest(storage: Storage, ckpt_dir: str) -> Manifest:
@@ -65,10 +65,7 @@ def _check_size(storage: Storage, ckpt_dir: str, entry: FileEntry) -> None:
 
 
 def _crc_of_view(view: memoryview) -> str:
-    crc = 0
-    for start in range(0, len(view), _VERIFY_CHUNK):
-        crc = zlib.crc32(view[start : start + _VERIFY_CHUNK], crc)
-    return f"crc32:{crc:08x}"
+    return checksum_string(parallel_crc32(view))
 
 
 def _check_checksum(storage: Storage, ckpt_dir: str, entry: FileEntry, data: memoryview) -> None:

@@ -1,0 +1,107 @@
+"""CRC32 of large buffers on several cores: checksum pieces in parallel, then combine them.
+
+``zlib.crc32`` runs at about 4 GB/s on one core and releases the GIL, but a CRC is a chain: the
+pieces of a file cannot simply be checksummed separately. They can be combined afterwards:
+CRC32 is affine over GF(2), so ``crc(A + B) = Z(len(B)) * crc(A) xor crc(B)``, where ``Z(n)`` is the
+linear operator that feeds ``n`` zero bytes through the CRC register. :func:`crc32_combine` builds
+``Z(n)`` as a 32x32 bit matrix by repeated squaring (a few thousand integer operations), so
+verifying a 1 GiB shard on two cores takes half the time of one.
+
+Example:
+    >>> import zlib
+    >>> a, b = b"lightning", b"-ckpt"
+    >>> crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    True
+    >>> parallel_crc32(memoryview(a + b), workers=2, min_piece=1) == zlib.crc32(a + b)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+__all__ = ["checksum_string", "crc32_combine", "parallel_crc32"]
+
+_REFLECTED_POLY = 0xEDB88320
+_PIECE = 64 * 1024 * 1024
+
+
+def _apply(matrix: tuple[int, ...], vector: int) -> int:
+    """``matrix`` (32 columns, column i = image of bit i) applied to a 32-bit ``vector``."""
+    result, column = 0, 0
+    while vector:
+        if vector & 1:
+            result ^= matrix[column]
+        vector >>= 1
+        column += 1
+    return result
+
+
+def _compose(outer: tuple[int, ...], inner: tuple[int, ...]) -> tuple[int, ...]:
+    """The operator ``outer after inner``."""
+    return tuple(_apply(outer, column) for column in inner)
+
+
+@functools.cache
+def _zero_bits(count_log2: int) -> tuple[int, ...]:
+    """The operator that shifts ``2**count_log2`` zero bits through the (reflected) CRC register."""
+    if count_log2 == 0:  # one bit: shift right, fold the polynomial in when the low bit falls out
+        return (_REFLECTED_POLY, *(1 << (i - 1) for i in range(1, 32)))
+    half = _zero_bits(count_log2 - 1)
+    return _compose(half, half)
+
+
+def crc32_combine(crc_a: int, crc_b: int, length_b: int) -> int:
+    """The CRC32 of ``A + B`` from ``crc32(A)``, ``crc32(B)`` and ``len(B)``.
+
+    Example:
+        >>> import zlib
+        >>> crc32_combine(zlib.crc32(b"abc"), zlib.crc32(b""), 0) == zlib.crc32(b"abc")
+        True
+    """
+    bits, power = length_b * 8, 0
+    while bits:
+        if bits & 1:
+            crc_a = _apply(_zero_bits(power), crc_a)
+        bits >>= 1
+        power += 1
+    return crc_a ^ crc_b
+
+
+def _crc_chain(view: memoryview) -> int:
+    crc = 0
+    for start in range(0, len(view), _PIECE):
+        crc = zlib.crc32(view[start : start + _PIECE], crc)
+    return crc
+
+
+def parallel_crc32(view: memoryview, *, workers: int | None = None, min_piece: int = _PIECE) -> int:
+    """CRC32 of ``view`` computed by ``workers`` threads (default: the usable cores, at most 8).
+
+    Pieces smaller than ``min_piece`` are not worth a thread: small buffers are checksummed inline.
+    """
+    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    count = max(1, min(workers, len(view) // max(1, min_piece)))
+    if count == 1:
+        return _crc_chain(view)
+    step = -(-len(view) // count)
+    pieces = [view[start : start + step] for start in range(0, len(view), step)]
+    with ThreadPoolExecutor(max_workers=count, thread_name_prefix="lightning_ckpt-crc") as pool:
+        crcs = list(pool.map(_crc_chain, pieces))
+    crc = crcs[0]
+    for piece, piece_crc in zip(pieces[1:], crcs[1:], strict=True):
+        crc = crc32_combine(crc, piece_crc, len(piece))
+    return crc
+
+
+def checksum_string(crc: int) -> str:
+    """A CRC32 in the manifest's format.
+
+    Example:
+        >>> checksum_string(0x352441C2)
+        'crc32:352441c2'
+    """
+    return f"crc32:{crc:08x}"
