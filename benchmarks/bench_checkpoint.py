@@ -37,7 +37,9 @@ Figures per peer:
   ours reports it in ``io.last_save.durable_s``);
 * **bg slowdown** (async savers): a second save per repetition while training continues: the extra
   time of the steps that ran while the background write was in flight (sum of each - median step);
-* **cold load**: every file of the checkpoint dropped from the page cache (``posix_fadvise DONTNEED``),
+* **cold load**: every file of the checkpoint dropped from the page cache (``posix_fadvise DONTNEED``) and
+  freed heap memory handed back to the OS (``malloc_trim``), so loads allocate as a freshly started
+  process does,
   then load and ``copy_`` every tensor into already-allocated tensors of the same shapes (what
   resuming costs); ``TorchCheckpointIO.load_checkpoint`` (``torch.load``), ``torch.load(mmap=True)``
   for ``torch.save``, ``safetensors.torch.load_file``, ``dcp.load`` in place into the preallocated
@@ -477,6 +479,7 @@ def measure_peer(cls: type[Peer], ctx: Ctx, reps: int, warmup: int, rss: PeakRSS
             ctx.barrier()
             if rank == 0:
                 drop_cache(here)
+            malloc_trim()  # memory freed earlier goes back to the OS: loads allocate like a freshly started process
             ctx.barrier()
             start = time.perf_counter()
             peer.load_into(here)

@@ -210,7 +210,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="bench_fit_", dir=base)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    logging.getLogger("lightning_ckpt").setLevel(logging.WARNING)
+    logging.getLogger("lightning_ckpt").setLevel(logging.INFO if os.environ.get("BENCH_LOG") else logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     facts = machine_facts(base)

@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from lightning_ckpt import _lightning, layout
+from lightning_ckpt.commit import remove_stale_partials
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, FolderConflictError
@@ -292,6 +293,9 @@ class CheckpointSaver(Checkpoint):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         storage, folder = self._storage(trainer)
+        if trainer.local_rank == 0:  # before any save of this run: what is staged now was left by a killed run
+            for name in remove_stale_partials(storage, folder):
+                log.info("Removed %s, left by an interrupted save", storage.url(storage.join(folder, name)))
         self._records = [r for r in scan_records(storage, folder, self.filename) if self._is_mine(r.name, trainer)]
         loaded = self._io.loaded_path if self._io is not None and trainer.ckpt_path else None
         resumed = loaded or (str(trainer.ckpt_path) if trainer.ckpt_path else None)

@@ -31,7 +31,7 @@ from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.storage import Storage, fsync_dir
 
-__all__ = ["commit_dir", "read_pointer", "stage_dir", "update_latest"]
+__all__ = ["commit_dir", "read_pointer", "remove_stale_partials", "stage_dir", "update_latest"]
 
 
 def stage_dir(storage: Storage, folder: str, name: str, token: str | None = None, *, leader: bool = True) -> str:
@@ -84,3 +84,24 @@ def read_pointer(storage: Storage, pointer_path: str) -> str:
             f"{storage.url(pointer_path)}: pointer holds {raw!r}, expected the plain name of a checkpoint in its folder"
         )
     return raw
+
+
+def remove_stale_partials(storage: Storage, folder: str) -> list[str]:
+    """Delete the staging directories a killed run left in a local ``folder``; return their names.
+
+    Call only before this run saves anything there (committed checkpoints are never touched: only
+    hidden ``.<name>.partial-<token>`` directories, which readers ignore anyway).
+
+    Example:
+        >>> import tempfile
+        >>> storage, folder = Storage.open(tempfile.mkdtemp())
+        >>> _ = stage_dir(storage, folder, "ep0-ba4", token="dead")
+        >>> remove_stale_partials(storage, folder)
+        ['.ep0-ba4.partial-dead']
+    """
+    if not storage.is_local or not storage.isdir(folder):
+        return []
+    stale = sorted(n for n in storage.listdir(folder) if layout.is_partial_dirname(n))
+    for name in stale:
+        storage.remove_tree(storage.join(folder, name))
+    return stale

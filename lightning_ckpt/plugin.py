@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -331,7 +332,9 @@ class ShardedCheckpointIO(CheckpointIO):
 
     def _background(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-save")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="lightning_ckpt-save", initializer=_yield_cpu_to_training
+            )
         return self._executor
 
     def wait_for_save(self) -> None:
@@ -484,6 +487,22 @@ class ShardedCheckpointIO(CheckpointIO):
                 errors.append(err)
         if errors:
             raise errors[0]
+
+
+BACKGROUND_NICENESS = 10
+
+
+def _yield_cpu_to_training() -> None:
+    """Lower the background save thread's CPU priority (threads it starts inherit it).
+
+    Writing is mostly waiting for the disk, but the checksum and the copies need a core; on a
+    machine whose cores all run training, equal priority slows every training step while a save is
+    in flight (measured with ``benchmarks/bench_fit.py``), so the save yields instead.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: keep the default priority
+        pass
 
 
 def prune_local_copies(local_root: str, *, keep: str, uploaded: Sequence[str]) -> None:

@@ -10,7 +10,7 @@ Shard layout (the safetensors format, so any safetensors reader opens our shards
 
 Tensor bytes are never pickled or copied into an intermediate buffer: each tensor's memory is
 handed to ``os.write`` directly, while a second thread computes the CRC32 of the bytes already
-written (``zlib`` releases the GIL, so the two overlap).
+written (:func:`lightning_ckpt.checksum.crc32` releases the GIL, so the two overlap).
 
 Example:
     >>> import tempfile, os, torch
@@ -28,7 +28,6 @@ import fcntl
 import json
 import os
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import IO
 
 import torch
 
+from lightning_ckpt.checksum import checksum_string, crc32
 from lightning_ckpt.manifest import FileEntry, TensorEntry
 from lightning_ckpt.tree import DTYPE_TO_SAFETENSORS
 
@@ -137,7 +137,7 @@ def _write_with_checksum(chunks: Iterator[memoryview], write: Callable[[memoryvi
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as pool:
         for chunk in chunks:
             previous = pending.result() if pending is not None else crc
-            pending = pool.submit(zlib.crc32, chunk, previous)
+            pending = pool.submit(crc32, chunk, previous)
             write(chunk)
         if pending is not None:
             crc = pending.result()
@@ -145,13 +145,13 @@ def _write_with_checksum(chunks: Iterator[memoryview], write: Callable[[memoryvi
 
 
 class _Checksum:
-    """CRC32 chained over blocks in file order, computed on one helper thread (``zlib`` releases the GIL)."""
+    """CRC32 chained over blocks in file order, computed on one helper thread (it releases the GIL)."""
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self._pool, self._crc = pool, 0
 
     def _update(self, view: memoryview) -> None:
-        self._crc = zlib.crc32(view, self._crc)
+        self._crc = crc32(view, self._crc)
 
     def add(self, view: memoryview) -> Future[None]:
         return self._pool.submit(self._update, view)  # one worker: blocks are chained in submission order
@@ -373,4 +373,4 @@ def checksum_of(data: bytes | memoryview) -> str:
         >>> checksum_of(b"abc")
         'crc32:352441c2'
     """
-    return f"crc32:{zlib.crc32(data):08x}"
+    return checksum_string(crc32(data))
