@@ -211,12 +211,11 @@ class ShardedCheckpointIO(CheckpointIO):
         """
         asynchronous = self.async_save if async_save is None else async_save
         remote_storage, remote_target = Storage.open(os.fspath(path), self.storage_options)
-        target, then = os.fspath(path), after_commit
+        target = os.fspath(path)
         if not remote_storage.is_local:
             remote_folder = remote_storage.url(remote_storage.dirname(remote_target))
             local_root = local_folder or self.cache_for(remote_folder, "uploads")
             target = os.path.join(local_root, remote_storage.basename(remote_target))
-            then = None
         exchange = Exchange.current(prefix=f"{self._namespace}/save{self._saves}", timeout_s=self.barrier_timeout_s)
         self._saves += 1
         upload_key = f"lightning_ckpt/{self._namespace}/upload{self._saves}"
@@ -245,8 +244,8 @@ class ShardedCheckpointIO(CheckpointIO):
 
         def committed(result: SaveResult) -> None:
             if remote_storage.is_local:
-                if then is not None and result.leader:
-                    then()
+                if after_commit is not None and result.leader:
+                    after_commit()
                 return
             self._submit_upload(result, remote_storage, remote_target, latest_filename, upload_key, after_commit)
 
