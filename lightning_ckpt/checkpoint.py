@@ -6,7 +6,8 @@ Example:
     >>> import tempfile, torch
     >>> from lightning_ckpt.storage import Storage
     >>> storage, directory = Storage.open(tempfile.mkdtemp())
-    >>> entry, tensors = write_shard(storage, directory, {"w": torch.zeros(2)}, index=0, count=1, rank=0)
+    >>> shard = prepare_shard({"w": torch.zeros(2)}, index=0, count=1)
+    >>> entry, tensors = write_prepared_shard(storage, directory, shard, rank=0)
     >>> entry.name, entry.size, tensors[0].offset
     ('shard-00000-of-00001.safetensors', 4104, 4096)
 """
@@ -36,7 +37,6 @@ __all__ = [
     "remove_checkpoint_dir",
     "write_objects",
     "write_prepared_shard",
-    "write_shard",
 ]
 
 
@@ -104,19 +104,6 @@ def write_prepared_shard(
             entry = write_shard_stream(stream, shard.plan, rank=rank, image=image)
     entries = [TensorEntry(**{**e.__dict__, "device": shard.devices[e.key]}) for e in shard.plan.entries]
     return entry, entries
-
-
-def write_shard(
-    storage: Storage,
-    directory: str,
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    index: int,
-    count: int,
-    rank: int,
-) -> tuple[FileEntry, list[TensorEntry]]:
-    """Write one shard file of ``tensors`` into ``directory`` from their own memory."""
-    return write_prepared_shard(storage, directory, prepare_shard(tensors, index=index, count=count), rank=rank)
 
 
 def pickle_objects(skeleton: Any) -> bytes:

@@ -63,13 +63,11 @@ class StagedShard:
         image: the shard's file bytes (``plan.total_size`` of them) at an aligned address; the
             underlying buffer extends to a multiple of 4096 bytes past the end.
         padded: ``image`` extended to the next multiple of 4096 bytes (for ``O_DIRECT``).
-        staged_bytes: tensor bytes copied.
     """
 
     plan: ShardPlan
     image: torch.Tensor
     padded: torch.Tensor
-    staged_bytes: int
     _ready: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def ready(self) -> None:
@@ -137,7 +135,6 @@ class StagingBuffer:
             plan=replace(plan, tensors=views),
             image=image,
             padded=buffer[: round_up(plan.total_size)],
-            staged_bytes=plan.total_size - header_size,
         )
         if cuda_copies:
             staged._ready.append(_copy_on_side_stream(cuda_copies))

@@ -130,20 +130,6 @@ def _chunks(plan: ShardPlan, image: torch.Tensor | None = None) -> Iterator[memo
             yield view[start : start + CHUNK_BYTES]
 
 
-def _write_with_checksum(chunks: Iterator[memoryview], write: Callable[[memoryview], None]) -> str:
-    """Write every chunk in order while a helper thread chains the CRC32 over the same chunks."""
-    crc = 0
-    pending: Future[int] | None = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as pool:
-        for chunk in chunks:
-            previous = pending.result() if pending is not None else crc
-            pending = pool.submit(crc32, chunk, previous)
-            write(chunk)
-        if pending is not None:
-            crc = pending.result()
-    return f"crc32:{crc:08x}"
-
-
 class _Checksum:
     """CRC32 chained over blocks in file order, computed on one helper thread (it releases the GIL)."""
 
@@ -158,7 +144,20 @@ class _Checksum:
 
     @property
     def value(self) -> str:
-        return f"crc32:{self._crc:08x}"
+        return checksum_string(self._crc)
+
+
+def _write_with_checksum(chunks: Iterator[memoryview], write: Callable[[memoryview], None]) -> str:
+    """Write every chunk in order while the checksum thread chains the CRC32 over the same chunks."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as pool:
+        checksum = _Checksum(pool)
+        pending = []
+        for chunk in chunks:
+            pending.append(checksum.add(chunk))
+            write(chunk)
+        for future in pending:
+            future.result()
+    return checksum.value
 
 
 class _DirectFile:
