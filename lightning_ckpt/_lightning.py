@@ -35,10 +35,13 @@ from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_ckpt.layout import Progress, RankInfo
 
 __all__ = [
+    "max_across_ranks",
+    "preemption_exit",
     "LastCheckpointProvider",
     "decide_on_rank_zero",
     "default_run_name",
@@ -96,6 +99,20 @@ def decide_on_rank_zero(trainer: Trainer, decide: Callable[[], T]) -> T:
         return decide()
     decision = decide() if trainer.is_global_zero else None
     return trainer.strategy.broadcast(decision, src=0)  # type: ignore[return-value]
+
+
+def max_across_ranks(trainer: Trainer, values: list[int]) -> list[int]:
+    """Element-wise maximum of small integers over all ranks (one all-reduce on the strategy's device)."""
+    if trainer.world_size == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=trainer.strategy.root_device)
+    reduced = trainer.strategy.reduce(tensor, reduce_op="max")
+    return [int(v) for v in reduced.tolist()]
+
+
+def preemption_exit() -> BaseException:
+    """The exception that ends a preempted fit the way Lightning ends one on ``SIGTERM`` (a ``SystemExit``)."""
+    return SIGTERMException()
 
 
 def resume_step(trainer: Trainer) -> int:

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,16 +28,20 @@ from lightning.pytorch.callbacks import Checkpoint
 from typing_extensions import override
 
 from lightning_ckpt import _lightning, layout
-from lightning_ckpt.commit import remove_stale_partials
+from lightning_ckpt.commit import remove_leftovers
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, FolderConflictError
 from lightning_ckpt.interval import AgreementCadence, Event, SavePoint, SaveSchedule, parse_save_interval
 from lightning_ckpt.layout import NameFormat
+from lightning_ckpt.lock import FolderInUseError, FolderLock
 from lightning_ckpt.plugin import ShardedCheckpointIO
 from lightning_ckpt.policies import CheckpointRecord, build_retention_policy
-from lightning_ckpt.rotation import METRIC_KEY, check_writable, delete_checkpoints, rotate, scan_records
-from lightning_ckpt.storage import Storage
+from lightning_ckpt.preemption import DEFAULT_SIGNALS, PREEMPTION_CHECK_S, PreemptionWatch, parse_signals
+from lightning_ckpt.reader import read_manifest
+from lightning_ckpt.rotation import METRIC_KEY, RUN_ID_KEY, check_writable, delete_checkpoints, rotate, scan_records
+from lightning_ckpt.storage import Storage, check_storage_options, check_url, is_url
+from lightning_ckpt.transfer import DEFAULT_POLICY
 from lightning_ckpt.tree import drop_paths
 from lightning_ckpt.upload import UploadJob
 
@@ -51,6 +56,48 @@ def _check_bool(argument: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(argument, value, "True or False")
     return value
+
+
+def _check_name_format(
+    pattern: object, argument: str, *, shown_as: tuple[str, object, str] | None = None, **kwargs: bool
+) -> NameFormat:
+    """``NameFormat(pattern)``; with ``shown_as=(argument, value, example)`` its errors name what the user typed
+    (Composer's ``remote_file_name`` is split into a folder and a name before they are parsed)."""
+    try:
+        return NameFormat(pattern, argument=argument, **kwargs)  # type: ignore[arg-type]
+    except ConfigError as err:
+        if shown_as is None:
+            raise
+        raise ConfigError(shown_as[0], shown_as[1], shown_as[2], err.reason) from None
+
+
+def _check_count(argument: str, value: object, example: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(argument, value, example, "It must be an int >= 1")
+
+
+def _check_seconds(argument: str, value: object, example: str) -> None:
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+    ):
+        raise ConfigError(argument, value, example, "It must be a positive, finite number of seconds")
+
+
+def _check_local_folder(value: object, argument: str, run_name: str) -> str | None:
+    """The local folder with ``{run_name}`` filled in; the ranks of a node share it, so no rank variables."""
+    if value is None:
+        return None
+    example = "'/local/nvme/{run_name}/checkpoints'"
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ConfigError(argument, value, example, "It must be a local directory path")
+    text = os.fspath(value)
+    if is_url(text):
+        raise ConfigError(argument, text, example, "It must be a local directory path, not a URL")
+    pattern = _check_name_format(text, argument, allow_progress=False, allow_metrics=False)
+    if pattern.placeholders - {"run_name"}:
+        others = sorted(pattern.placeholders - {"run_name"})
+        raise ConfigError(argument, text, example, f"Only {{run_name}} can be used here, not {{{others[0]}}}")
+    return pattern.render(run_name=run_name)
 
 
 def _check_ignore_keys(value: object) -> IgnoreKeys:
@@ -105,6 +152,13 @@ class CheckpointSaver(Checkpoint):
             commit, upload and rotate in the background, one save in flight (the next save waits for
             it, and says so in the log). The checkpoint is the state at the save call, even though
             training changes the parameters right after. ``False`` returns only once committed.
+        lock_folder: hold a lock on ``folder`` for the whole fit, so a second run pointed at the same
+            folder is refused before training (:class:`~lightning_ckpt.lock.FolderInUseError`). With
+            ``False`` runs may share a folder; each still rotates only its own checkpoints.
+        preemption_signals: signals that announce preemption (default ``SIGTERM`` and ``SIGUSR1``,
+            what Kubernetes and SLURM send); ``None`` leaves signals to Lightning. On one, the saver
+            saves at the next step boundary, waits for the commit and uploads, and ends the process
+            cleanly (see :mod:`lightning_ckpt.preemption`).
     """
 
     def __init__(
@@ -130,35 +184,72 @@ class CheckpointSaver(Checkpoint):
         remote_file_name: str | None = None,
         latest_remote_file_name: str | None = None,
         async_save: bool = True,
+        lock_folder: bool = True,
+        preemption_signals: Sequence[str | int] | None = DEFAULT_SIGNALS,
     ) -> None:
+        remote: tuple[str, object, str] | None = None  # Composer's remote_file_name: errors name it
+        local_argument = "local_folder"
         if remote_file_name is not None or latest_remote_file_name is not None:
+            remote = ("remote_file_name", remote_file_name, "'s3://bucket/{run_name}/ep{epoch}-ba{batch}'")
+            if latest_remote_file_name is not None and (
+                not isinstance(latest_remote_file_name, str)
+                or "://" not in latest_remote_file_name
+                or latest_remote_file_name.endswith("/")
+            ):
+                example = "'s3://bucket/{run_name}/latest' or None"
+                reason = "It must be the URL of the pointer file"
+                raise ConfigError("latest_remote_file_name", latest_remote_file_name, example, reason)
             folder, filename, latest_filename, local_folder = _composer_remote_names(
                 folder, filename, latest_filename, local_folder, remote_file_name, latest_remote_file_name
             )
-        if folder is not None and not isinstance(folder, (str, os.PathLike)):
-            raise ConfigError("folder", folder, "'/data/runs/{run_name}/checkpoints'")
+            local_argument = "folder"  # with remote_file_name, folder is the local folder
+        folder_example = "'/data/runs/{run_name}/checkpoints' or 's3://bucket/{run_name}/checkpoints'"
+        if folder is not None and (not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder)):
+            raise ConfigError("folder", folder, folder_example)
         folder_text = os.fspath(folder) if folder is not None else None
+        if remote is not None:
+            check_url(str(remote[1]), remote[0], remote[2])
+        elif folder_text is not None:
+            check_url(folder_text, "folder", folder_example)
         self.folder = (
-            NameFormat(folder_text, argument="folder", allow_progress=False, allow_metrics=False)
+            _check_name_format(folder_text, "folder", shown_as=remote, allow_progress=False, allow_metrics=False)
             if folder_text is not None
             else None
         )
-        self.filename = NameFormat(filename, argument="filename")
-        if "/" in filename or "\\" in filename:
-            raise ConfigError(
-                "filename", filename, "'ep{epoch}-ba{batch}'", "one checkpoint is one directory in folder"
+        self.filename = _check_name_format(filename, "filename", shown_as=remote)
+        if not layout.is_plain_name(filename) or filename.startswith(".") or filename.endswith(layout.POINTER_SUFFIX):
+            reason = (
+                "One checkpoint is one directory in folder, and names starting with '.' or ending with"
+                f" {layout.POINTER_SUFFIX!r} are skipped by readers (they could never be resumed from)"
             )
-        if latest_filename is not None and (not isinstance(latest_filename, str) or "/" in latest_filename):
+            raise ConfigError(*(remote or ("filename", filename, "'ep{epoch}-ba{batch}'")), reason)
+        if latest_filename is not None and (
+            not isinstance(latest_filename, str) or not layout.is_plain_name(latest_filename)
+        ):
             raise ConfigError("latest_filename", latest_filename, "'latest', 'latest-rank{rank}' or None")
         self.latest_filename = (
             NameFormat(latest_filename, argument="latest_filename", allow_progress=False, allow_metrics=False)
             if latest_filename is not None
             else None
         )
+        if self.latest_filename is not None:
+            per_rank = (self.folder.placeholders if self.folder else frozenset()) | self.filename.placeholders
+            for variable, enough in (("rank", {"rank"}), ("local_rank", {"rank", "local_rank"})):
+                if variable in self.latest_filename.placeholders and not enough & per_rank:
+                    raise ConfigError(
+                        "latest_filename",
+                        latest_filename,
+                        "'latest', or keep it and add {rank} to filename: 'ep{epoch}-ba{batch}-rank{rank}'",
+                        f"It names a pointer per rank with {{{variable}}}, but neither folder nor filename"
+                        f" contains {{{variable}}}: the ranks then save one shared checkpoint, whose pointer"
+                        " only the committing rank writes, so the other ranks' pointers would never exist",
+                    )
         self.save_interval: SaveSchedule = parse_save_interval(save_interval)
         self.overwrite = _check_bool("overwrite", overwrite)
         self.weights_only = _check_bool("weights_only", weights_only)
         self.async_save = _check_bool("async_save", async_save)
+        self.lock_folder = _check_bool("lock_folder", lock_folder)
+        self.preemption_signals = parse_signals(preemption_signals, "preemption_signals")
         self.ignore_keys = _check_ignore_keys(ignore_keys)
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ConfigError("monitor", monitor, "'val_loss'")
@@ -177,21 +268,26 @@ class CheckpointSaver(Checkpoint):
         if run_name is not None and (not isinstance(run_name, str) or not layout.is_plain_name(run_name)):
             raise ConfigError("run_name", run_name, "'llama-ft-7'")
         self.run_name = run_name or _lightning.default_run_name()
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise ConfigError("storage_options", "<hidden>", "{'key': ..., 'secret': ..., 'client_kwargs': {...}}",
-                              f"It must be a dict of fsspec options, not {type(storage_options).__name__}")  # fmt: skip
-        self.storage_options = dict(storage_options or {})
-        self.local_folder = os.fspath(local_folder) if local_folder is not None else None
-        for argument, value in (("num_concurrent_uploads", num_concurrent_uploads),
-                                ("upload_timeout_in_seconds", upload_timeout_in_seconds)):  # fmt: skip
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise ConfigError(argument, value, "4" if argument.startswith("num") else "3600")
+        if (
+            self.latest_filename is not None
+            and self.filename.parse(self.latest_filename.render(run_name=self.run_name)) is not None
+        ):
+            raise ConfigError("latest_filename", latest_filename, "'newest' or None",
+                              f"It would have the name of a checkpoint (filename={filename!r})")  # fmt: skip
+        remote_folder = folder_text if folder_text is not None and is_url(folder_text) else None
+        self.storage_options = check_storage_options(storage_options, remote_folder)  # values never shown
+        self.local_folder = _check_local_folder(local_folder, local_argument, self.run_name)
+        _check_count("num_concurrent_uploads", num_concurrent_uploads, "4")
+        _check_seconds("upload_timeout_in_seconds", upload_timeout_in_seconds, "3600")
         self.num_concurrent_uploads = num_concurrent_uploads
         self.upload_timeout_in_seconds = upload_timeout_in_seconds
         self._records: list[CheckpointRecord] = []
         self._last_saved_step: int | None = None
         self._resumed_from: str | None = None
         self._io: ShardedCheckpointIO | None = None
+        self._run_id: str | None = None
+        self._lock: FolderLock | None = None
+        self._preemption = PreemptionWatch(self.preemption_signals)
         _lightning.install_last_resolver()
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -221,15 +317,24 @@ class CheckpointSaver(Checkpoint):
         storage, folder = self._storage(trainer)
         if storage.isfile(folder):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
+        self._plugin(trainer)
         self._upload_leftovers(trainer, storage, folder)
         mine = [(n, m) for n, m in list_committed(storage, folder) if self._is_mine(n, trainer)]
+        if not mine and not storage.is_local and trainer.world_size > 1:
+            # Global rank 0 may be uploading checkpoints a killed run committed only on this node's
+            # disk: count them, so every rank of the node asks for "last" and ranks agree in setup().
+            local, root = Storage.open(self._local_root(storage, folder))
+            mine = [(n, m) for n, m in list_committed(local, root) if self._is_mine(n, trainer)]
         if not mine:
             return None
-        name, manifest = mine[-1]
+        newest = mine[-1][1]
         if trainer.world_size > 1:  # the process group is not up yet: ranks agree in setup()
             self._agree_in_setup = True
-            return storage.url(folder), manifest.created
-        return storage.url(storage.join(folder, name)), manifest.created
+            return storage.url(folder), newest.created
+        # Newest first: the plugin falls back to the next one if a checkpoint does not verify.
+        candidates = [storage.url(storage.join(folder, n)) for n, _ in reversed(mine)]
+        self._plugin(trainer).redirect(candidates[0], candidates)
+        return candidates[0], newest.created
 
     def _agree_on_last(self, trainer: Trainer, io: ShardedCheckpointIO) -> None:
         """Every rank resumes from the newest step that *every* rank has committed (node-local disks
@@ -244,7 +349,8 @@ class CheckpointSaver(Checkpoint):
                 f'ckpt_path="last": no step is committed on every rank (this rank\'s folder {storage.url(folder)}'
                 f" has steps {sorted(mine)}); resume from an explicit checkpoint or a folder every rank can read"
             )
-        io.redirect(storage.url(folder), storage.url(storage.join(folder, mine[max(common)])))
+        steps = sorted(common, reverse=True)  # the same list on every rank: ranks fall back together
+        io.redirect(storage.url(folder), [storage.url(storage.join(folder, mine[step])) for step in steps])
 
     def _is_mine(self, name: str, trainer: Trainer) -> bool:
         """A checkpoint this saver on this rank wrote: the name parses, with this rank's dist values."""
@@ -274,6 +380,8 @@ class CheckpointSaver(Checkpoint):
     _leftovers_done: bool = False
     _io_trainer: int = 0
     _best_from_workers: str = ""
+    _foreign: frozenset[str] | set[str] = frozenset()
+    _preemption_cadence = AgreementCadence(PREEMPTION_CHECK_S)
 
     # -- Lightning hooks -------------------------------------------------------------------------
     @override
@@ -283,8 +391,10 @@ class CheckpointSaver(Checkpoint):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
         self._folder = folder
         self._io = self._plugin(trainer)
-        if not storage.is_local:
+        if not storage.is_local or stage == "fit":  # a read-only folder fails here, before training (once a fit)
             check_writable(storage, folder)
+        self._claim_folder(trainer, storage, folder)
+        if not storage.is_local:
             self._upload_leftovers(trainer, storage, folder)
         if self._agree_in_setup:
             self._agree_in_setup = False
@@ -293,15 +403,17 @@ class CheckpointSaver(Checkpoint):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         storage, folder = self._storage(trainer)
-        if trainer.local_rank == 0:  # before any save of this run: what is staged now was left by a killed run
-            for name in remove_stale_partials(storage, folder):
-                log.info("Removed %s, left by an interrupted save", storage.url(storage.join(folder, name)))
-        self._records = [r for r in scan_records(storage, folder, self.filename) if self._is_mine(r.name, trainer)]
+        if self.lock_folder:  # this run owns the folder: nothing else is saving there
+            self._remove_leftovers(trainer, storage, folder)
         loaded = self._io.loaded_path if self._io is not None and trainer.ckpt_path else None
         resumed = loaded or (str(trainer.ckpt_path) if trainer.ckpt_path else None)
         self._resumed_from = os.path.basename(os.path.normpath(resumed)) if resumed else None
+        self._run_id = self._lineage(trainer, loaded)
+        named = [r for r in scan_records(storage, folder, self.filename) if self._is_mine(r.name, trainer)]
+        self._records = [r for r in named if r.run_id in (None, self._run_id)]  # other runs' are never rotated
+        self._foreign = {r.name for r in named if r.run_id not in (None, self._run_id)}
         start = _lightning.resume_step(trainer)
-        newer = [r.name for r in self._records if r.step > start]
+        newer = [r.name for r in named if r.step > start]
         if newer and not self.overwrite:
             raise FolderConflictError(
                 f"folder {storage.url(folder)!r} already holds checkpoints newer than step {start}"
@@ -311,6 +423,64 @@ class CheckpointSaver(Checkpoint):
         self.save_interval.start(time.monotonic())
         self._cadence = AgreementCadence(self.save_interval.agreement_granularity_s)
         self._cadence.start(trainer.global_step, time.monotonic())
+        self._preemption_cadence = AgreementCadence(PREEMPTION_CHECK_S)
+        self._preemption_cadence.start(trainer.global_step, time.monotonic())
+
+    def _remove_leftovers(self, trainer: Trainer, storage: Storage, folder: str) -> None:
+        """Before this run's first save: delete what killed saves, uploads and rotations left behind."""
+        places = []
+        if storage.is_local and trainer.local_rank == 0:
+            places.append((storage, folder))
+        if not storage.is_local:
+            if trainer.is_global_zero:
+                places.append((storage, folder))
+            if trainer.local_rank == 0:
+                places.append(Storage.open(self._local_root(storage, folder)))
+        for where, root in places:
+            for name in remove_leftovers(where, root, lambda n: self._is_mine(n, trainer)):
+                log.info("Removed %s, left by an interrupted save", where.url(where.join(root, name)))
+
+    def _local_root(self, storage: Storage, folder: str) -> str:
+        """Where checkpoints of a remote ``folder`` are committed locally before upload."""
+        return self.local_folder or self._plugin_cache_for(storage.url(folder))
+
+    def _plugin_cache_for(self, url: str) -> str:
+        assert self._io is not None, "the plugin is chosen before checkpoints are looked up"
+        return self._io.cache_for(url, "uploads")
+
+    def _claim_folder(self, trainer: Trainer, storage: Storage, folder: str) -> None:
+        """Global rank 0 takes the folder's lock; every rank learns the outcome, so all fail together."""
+        if not self.lock_folder or self._lock is not None:
+            return
+        refusal = None
+        if trainer.is_global_zero:
+            try:
+                policy = self._io.upload_retry if self._io is not None else DEFAULT_POLICY
+                self._lock = FolderLock.acquire(storage, folder, run_name=self.run_name, policy=policy)
+            except FolderInUseError as err:
+                refusal = str(err)
+        if trainer.world_size > 1:
+            refusal = _lightning.decide_on_rank_zero(trainer, lambda: refusal)
+        if refusal is not None:
+            raise FolderInUseError(refusal)
+
+    def _release_folder(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _lineage(self, trainer: Trainer, loaded: str | None) -> str:
+        """The run id this fit saves under: the resumed checkpoint's (a restart continues its run), else new."""
+        run_id = self._run_id
+        if run_id is None and loaded is not None:
+            try:
+                storage, path = Storage.open(loaded, self.storage_options)
+                run_id = read_manifest(storage, path).metadata.get(RUN_ID_KEY)
+            except Exception:  # a legacy .ckpt file or another library's checkpoint: a new run
+                run_id = None
+        if run_id is None:
+            run_id = _lightning.decide_on_rank_zero(trainer, lambda: uuid.uuid4().hex[:16])
+        return str(run_id)
 
     def _plugin(self, trainer: Trainer) -> ShardedCheckpointIO:
         """The plugin this saver writes through for ``trainer``, with this saver's remote settings (made once)."""
@@ -334,7 +504,7 @@ class CheckpointSaver(Checkpoint):
             return
         self._leftovers_done = True
         io = self._plugin(trainer)
-        local_root = self.local_folder or io.cache_for(storage.url(folder), "uploads")
+        local_root = self._local_root(storage, folder)
         in_store = {name for name, _ in list_committed(storage, folder)}
         local_storage, root = Storage.open(local_root)
         uploader = io.uploader(storage.url(folder))
@@ -346,6 +516,24 @@ class CheckpointSaver(Checkpoint):
                             commit=True)  # fmt: skip
             uploader.submit(job)
         uploader.wait()
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._preemption.install()  # after Lightning registered its own handlers, which these replace until fit ends
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._preemption.uninstall()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._preemption.uninstall()
+        self._release_folder()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._preemption.uninstall()
+        self._release_folder()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
@@ -366,16 +554,20 @@ class CheckpointSaver(Checkpoint):
         return {
             "saved": [r.__dict__.copy() for r in self._records],
             "last_saved_step": self._last_saved_step,
+            "run_id": self._run_id,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._records = [CheckpointRecord(**r) for r in state_dict.get("saved", [])]
         self._last_saved_step = state_dict.get("last_saved_step")
+        self._run_id = state_dict.get("run_id")
 
     # -- saving ----------------------------------------------------------------------------------
     def _maybe_save(self, trainer: Trainer, event: Event) -> None:
         step = trainer.global_step
+        if self._preemption.signals and self._preempted(trainer, event):
+            self._save_and_exit(trainer)
         if step == self._last_saved_step or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
         schedule = self.save_interval
@@ -400,12 +592,41 @@ class CheckpointSaver(Checkpoint):
             self.save(trainer)
             self.save_interval.mark_saved(point, now)
 
+    def _preempted(self, trainer: Trainer, event: Event) -> bool:
+        """Whether any rank received a preemption signal (ranks combine flags at steps rank 0 names)."""
+        if trainer.world_size == 1:
+            return self._preemption.received is not None
+        step = trainer.global_step
+        if event is Event.BATCH_END and not self._preemption_cadence.is_check_step(step):
+            return False
+        now = time.monotonic()
+        proposal = self._preemption_cadence.next_check(step, now) if trainer.is_global_zero else 0
+        flag, next_check = _lightning.max_across_ranks(trainer, [int(self._preemption.received is not None), proposal])
+        if event is Event.BATCH_END:
+            self._preemption_cadence.adopt(next_check)
+        return bool(flag)
+
+    def _save_and_exit(self, trainer: Trainer) -> None:
+        """Save now (unless this step is saved), wait until committed and uploaded, end the process cleanly."""
+        signalled = self._preemption.received or "a signal on another rank"
+        log.warning("Preemption (%s): saving a checkpoint at step %d, then stopping", signalled, trainer.global_step)
+        if trainer.global_step != self._last_saved_step:
+            self.save(trainer)
+        assert self._io is not None
+        self._io.wait_for_save()
+        self._io.wait_for_uploads()
+        waited = time.monotonic() - (self._preemption.received_at or time.monotonic())
+        log.warning("Preemption: checkpoint at step %d committed %.1f s after the signal; exiting",
+                    trainer.global_step, waited)  # fmt: skip
+        self._preemption.uninstall()
+        raise _lightning.preemption_exit()
+
     def save(self, trainer: Trainer) -> str:
         """Save a checkpoint now, move ``latest``, and rotate; returns the committed path."""
         storage, folder = self._storage(trainer)
         progress = _lightning.progress(trainer)
         name = self.filename.render(run_name=self.run_name, rank=_lightning.rank_info(trainer), progress=progress)
-        if not self.overwrite and any(r.name == name for r in self._records):
+        if not self.overwrite and (name in self._foreign or any(r.name == name for r in self._records)):
             raise FolderConflictError(
                 f"{storage.url(storage.join(folder, name))} already exists; pass CheckpointSaver(overwrite=True)"
                 " or a filename that includes {batch}"
@@ -428,7 +649,7 @@ class CheckpointSaver(Checkpoint):
             checkpoint,
             storage.url(storage.join(folder, name)),
             latest_filename=latest,
-            metadata={METRIC_KEY: metric} if metric is not None else {},
+            metadata={RUN_ID_KEY: self._run_id, **({METRIC_KEY: metric} if metric is not None else {})},
             local_folder=self.local_folder,
             after_commit=functools.partial(delete_checkpoints, storage, folder, doomed),  # where it is kept
             async_save=self.async_save,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lightning_ckpt import layout
+from lightning_ckpt import _faults, layout
 from lightning_ckpt.manifest import FileEntry, TensorEntry
 from lightning_ckpt.staging import StagedShard, StagingBuffer
 from lightning_ckpt.storage import Storage
@@ -127,4 +127,5 @@ def remove_checkpoint_dir(storage: Storage, ckpt_dir: str) -> None:
         storage.remove_file(ckpt_dir)
         return
     storage.remove_file(storage.join(ckpt_dir, layout.MANIFEST_FILENAME))
+    _faults.reached("rotation.during", 0)
     storage.remove_tree(ckpt_dir)

@@ -43,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_ckpt import layout
+from lightning_ckpt import _faults, layout
 from lightning_ckpt.checkpoint import (
     PreparedShard,
     library_versions,
@@ -248,6 +248,7 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
         try:
             assert prepared.shard is not None
             staged = stage_dir(storage, folder, name, token=prepared.nonce, leader=is_leader)
+            _faults.reached("shard.before", exchange.rank)
             shard, entries = write_prepared_shard(storage, staged, prepared.shard, rank=exchange.rank,
                                                   direct_io=direct_io)  # fmt: skip
             files = [shard]
@@ -338,7 +339,9 @@ def _commit(
         versions=library_versions(),
         metadata={**dict(prepared.metadata or {}), "writer_ranks": prepared.group},
     )
+    _faults.reached("commit.before_manifest", prepared.exchange.rank)
     commit_dir(storage, folder, name, staged, manifest)
+    _faults.reached("commit.before_pointer", prepared.exchange.rank)
     if prepared.pointer is not None:
         update_latest(storage, folder, name, prepared.pointer)
 

@@ -24,14 +24,16 @@ Example:
 
 from __future__ import annotations
 
+import os
 import uuid
+from collections.abc import Callable
 
 from lightning_ckpt import layout
 from lightning_ckpt.errors import CorruptCheckpointError
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.storage import Storage, fsync_dir
 
-__all__ = ["commit_dir", "read_pointer", "remove_stale_partials", "stage_dir", "update_latest"]
+__all__ = ["commit_dir", "read_pointer", "remove_leftovers", "stage_dir", "update_latest"]
 
 
 def stage_dir(storage: Storage, folder: str, name: str, token: str | None = None, *, leader: bool = True) -> str:
@@ -86,22 +88,47 @@ def read_pointer(storage: Storage, pointer_path: str) -> str:
     return raw
 
 
-def remove_stale_partials(storage: Storage, folder: str) -> list[str]:
-    """Delete the staging directories a killed run left in a local ``folder``; return their names.
+def _is_checkpoint_file(name: str) -> bool:
+    return (
+        layout.parse_shard_filename(name) is not None
+        or name in (layout.OBJECTS_FILENAME, layout.MANIFEST_FILENAME)
+        or layout.is_hidden_name(name)  # temporary files of an interrupted write
+    )
 
-    Call only before this run saves anything there (committed checkpoints are never touched: only
-    hidden ``.<name>.partial-<token>`` directories, which readers ignore anyway).
+
+def remove_leftovers(storage: Storage, folder: str, is_ours: Callable[[str], bool] = lambda name: True) -> list[str]:
+    """Delete what interrupted saves, uploads and deletions left in ``folder``; return the names removed.
+
+    That is: hidden staging (``.<name>.partial-*``) and trash (``.<name>.trash-*``) directories, and
+    directories named like this saver's checkpoints (``is_ours``) that have no manifest and hold
+    nothing but checkpoint files: an upload or a rotation killed half-way. Committed checkpoints
+    (with a manifest) and anything holding other files are never touched. Call only while no other
+    run saves into ``folder`` (the run holds its lock) and before this run saves anything there.
 
     Example:
         >>> import tempfile
         >>> storage, folder = Storage.open(tempfile.mkdtemp())
         >>> _ = stage_dir(storage, folder, "ep0-ba4", token="dead")
-        >>> remove_stale_partials(storage, folder)
+        >>> remove_leftovers(storage, folder)
         ['.ep0-ba4.partial-dead']
     """
-    if not storage.is_local or not storage.isdir(folder):
+    if not storage.isdir(folder):
         return []
-    stale = sorted(n for n in storage.listdir(folder) if layout.is_partial_dirname(n))
-    for name in stale:
-        storage.remove_tree(storage.join(folder, name))
-    return stale
+    removed = []
+    for name in sorted(storage.listdir(folder)):
+        path = storage.join(folder, name)
+        if storage.is_local and os.path.islink(path):
+            continue
+        if layout.is_hidden_name(name):
+            stale = storage.is_local and (layout.is_partial_dirname(name) or ".trash-" in name) and storage.isdir(path)
+        else:
+            stale = (
+                is_ours(name)
+                and storage.isdir(path)
+                and not storage.exists(storage.join(path, layout.MANIFEST_FILENAME))
+                and all(_is_checkpoint_file(n) for n in storage.listdir(path))
+            )
+        if stale:
+            storage.remove_tree(path)
+            removed.append(name)
+    return removed

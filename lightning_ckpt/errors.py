@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "ConfigTypeError",
     "CorruptCheckpointError",
     "FolderConflictError",
 ]
@@ -40,8 +41,18 @@ class ConfigError(ValueError):
         self.argument = argument
         self.value = value
         self.example = example
+        self.reason = reason
         detail = f" {reason.rstrip('.')}." if reason else ""
         super().__init__(f"{argument}={value!r} is not valid.{detail} Example of a valid value: {example}.")
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A public argument has a wrong type where callers may expect a ``TypeError`` (it is both).
+
+    Example:
+        >>> isinstance(ConfigTypeError("path", 3, "'/data/ckpts/ep0-ba100'"), (TypeError, ValueError))
+        True
+    """
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):

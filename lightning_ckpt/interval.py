@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import datetime
 import enum
+import inspect
 import re
 import time
 from collections.abc import Callable
@@ -303,6 +304,20 @@ def _parse_string(value: str, argument: str) -> SaveSchedule:
     return EveryDuration(seconds)
 
 
+def _check_call_signature(fn: Callable[..., object], argument: str) -> None:
+    """Reject a callable that cannot be called as ``fn(trainer, event)`` now, not at the first save point."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as err:
+        raise ConfigError(
+            argument, fn, _EXAMPLE, f"It is called as fn(trainer, event), but its signature is {signature} ({err})"
+        ) from None
+
+
 def parse_save_interval(value: object, *, argument: str = "save_interval") -> SaveSchedule:
     """Turn a user's ``save_interval`` into a :class:`SaveSchedule`.
 
@@ -335,6 +350,7 @@ def parse_save_interval(value: object, *, argument: str = "save_interval") -> Sa
             raise ConfigError(argument, value, _EXAMPLE, "The duration must be positive")
         return EveryDuration(value.total_seconds())
     if callable(value) and not isinstance(value, type):
+        _check_call_signature(value, argument)
         return CallableSchedule(value)
     if isinstance(value, type):
         raise ConfigError(argument, value, _EXAMPLE, f"Pass an instance, not the class {value.__name__}")

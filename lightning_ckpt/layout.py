@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import re
 import string
 from collections.abc import Mapping
@@ -201,6 +202,14 @@ class NameFormat:
         if is_metric and not self._allow_metrics:
             names = ", ".join("{" + n + "}" for n in sorted(known))
             raise self._fail(f"'{{{item.name}}}' is not a known variable; the known variables are {names}")
+        if is_metric:  # a metric is only known at the first save: catch what is surely a misspelt variable now
+            close = difflib.get_close_matches(item.name, sorted(known), n=1, cutoff=0.8)
+            if close:
+                raise self._fail(
+                    f"'{{{item.name}}}' looks like a misspelling of the variable '{{{close[0]}}}' (it would be"
+                    " taken for a metric, and fail only at the first save)",
+                    repr(self._pattern.replace("{" + item.name, "{" + close[0])),
+                )
         if item.name not in DIST_VARIABLES and not self._allow_progress:
             allowed = ", ".join("{" + n + "}" for n in sorted(DIST_VARIABLES))
             reason = f"It may not contain '{{{item.name}}}'; only {allowed} are allowed here"

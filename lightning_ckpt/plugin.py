@@ -29,12 +29,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_ckpt import layout
@@ -50,11 +51,11 @@ from lightning_ckpt.collective import (
 )
 from lightning_ckpt.discovery import Resolved, list_committed, resolve
 from lightning_ckpt.dist import Exchange, default_store, exchange_rank
-from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError
+from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from lightning_ckpt.reader import MapLocation, load_checkpoint_dir
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.stats import SaveStats
-from lightning_ckpt.storage import Storage
+from lightning_ckpt.storage import Storage, check_storage_options
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, download_checkpoint
 from lightning_ckpt.upload import Uploader, UploadJob
 
@@ -110,25 +111,24 @@ class ShardedCheckpointIO(CheckpointIO):
         async_save: bool = False,
         direct_io: bool = True,
     ) -> None:
-        if storage_options is not None and not isinstance(storage_options, Mapping):
-            raise TypeError(
-                f"storage_options must be a dict of fsspec options, got {type(storage_options).__name__};"
-                " e.g. storage_options={'anon': False}"
-            )
-        if (
-            isinstance(barrier_timeout_s, bool)
-            or not isinstance(barrier_timeout_s, (int, float))
-            or barrier_timeout_s <= 0
-        ):
-            raise ConfigError("barrier_timeout_s", barrier_timeout_s, "600 (seconds)", "It must be a positive number")
+        options = check_storage_options(storage_options)  # a TypeError too; values are never shown
+        for argument, value, example in (("barrier_timeout_s", barrier_timeout_s, "600 (seconds)"),
+                                         ("upload_timeout_in_seconds", upload_timeout_in_seconds, "3600")):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(argument, value, example, "It must be a positive, finite number of seconds")
+        hooks_example = "[MyHook()] where MyHook subclasses lightning_ckpt.WriterHook"
+        if isinstance(writer_hooks, (WriterHook, str)) or not isinstance(writer_hooks, Iterable):
+            raise ConfigError("writer_hooks", writer_hooks, hooks_example, "It must be a list of hooks")
+        writer_hooks = list(writer_hooks)
         if not all(isinstance(h, WriterHook) for h in writer_hooks):
-            raise ConfigError(
-                "writer_hooks", writer_hooks, "[MyHook()] where MyHook subclasses lightning_ckpt.WriterHook"
-            )
-        for argument, value in (("num_concurrent_uploads", num_concurrent_uploads),
-                                ("upload_timeout_in_seconds", upload_timeout_in_seconds)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConfigError(argument, value, "4" if argument.startswith("num") else "3600")
+            raise ConfigError("writer_hooks", writer_hooks, hooks_example)
+        uploads = num_concurrent_uploads
+        if isinstance(uploads, bool) or not isinstance(uploads, int) or uploads < 1:
+            raise ConfigError("num_concurrent_uploads", num_concurrent_uploads, "4", "It must be an int >= 1")
+        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir)):
+            raise ConfigError("cache_dir", cache_dir, "'/local/nvme/lightning_ckpt' or None (~/.cache/lightning_ckpt)")
+        if upload_retry is not None and not isinstance(upload_retry, RetryPolicy):
+            raise ConfigError("upload_retry", upload_retry, "lightning_ckpt.RetryPolicy(attempts=8) or None")
         for argument, flag in (
             ("async_save", async_save),
             ("direct_io", direct_io),
@@ -142,11 +142,11 @@ class ShardedCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[Any]] = []
         self.last_save: SaveStats | None = None
-        self.storage_options = dict(storage_options or {})
+        self.storage_options = options
         self.verify_checksums = verify_checksums
-        self.num_concurrent_uploads = int(num_concurrent_uploads)
+        self.num_concurrent_uploads = num_concurrent_uploads
         self.upload_timeout_s = float(upload_timeout_in_seconds)
-        self.cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lightning_ckpt")
+        self.cache_dir = os.fspath(cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "lightning_ckpt"))
         self._uploaders: dict[str, Uploader] = {}
         self.upload_retry = upload_retry or DEFAULT_POLICY
         self.barrier_timeout_s = float(barrier_timeout_s)
@@ -159,7 +159,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self._nonce: str | None = None
         self._peers: dict[str, list[int]] = {}
         self._previous: Exchange | None = None
-        self._redirects: dict[str, str] = {}
+        self._redirects: dict[str, list[str]] = {}
         self.loaded_path: str | None = None
 
     def __repr__(self) -> str:
@@ -168,9 +168,7 @@ class ShardedCheckpointIO(CheckpointIO):
     def _options(self, storage_options: Any) -> dict[str, Any]:
         if storage_options is None:
             return self.storage_options
-        if not isinstance(storage_options, Mapping):
-            raise TypeError(f"storage_options must be a dict of fsspec options, got {type(storage_options).__name__}")
-        return {**self.storage_options, **storage_options}
+        return {**self.storage_options, **check_storage_options(storage_options)}
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -401,9 +399,14 @@ class ShardedCheckpointIO(CheckpointIO):
             download_checkpoint(storage, resolved.path, local, remote_manifest, self.num_concurrent_uploads * 2)
         return Resolved(Storage.open(local)[0], local, "dir")
 
-    def redirect(self, path: str, checkpoint: str) -> None:
-        """Load ``checkpoint`` the next time ``path`` is loaded (the saver's agreed ``"last"``)."""
-        self._redirects[path] = checkpoint
+    def redirect(self, path: str, candidates: Sequence[str]) -> None:
+        """The next load of ``path`` loads ``candidates[0]`` (the saver's ``"last"``), falling back in order.
+
+        A candidate that does not verify (missing, truncated or corrupt files) is skipped with a
+        warning naming it and what was wrong. With several ranks the lists are aligned by step,
+        and ranks move to the next candidate together when any of them fails to verify.
+        """
+        self._redirects[path] = list(candidates)
 
     def _agree_on_newest(self, resolved: Resolved) -> Resolved:
         """With several ranks, pick the newest checkpoint committed in *every* rank's folder."""
@@ -431,10 +434,46 @@ class ShardedCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """Load a checkpoint directory, folder (newest committed), pointer, URL or legacy ``.ckpt`` file."""
         self.wait_for_save()
-        redirected = self._redirects.pop(os.fspath(path), None)
-        resolved = resolve(redirected or os.fspath(path), self.storage_options)
-        if resolved.from_folder and redirected is None:
+        candidates = self._redirects.pop(os.fspath(path), None)
+        if candidates:
+            return self._load_first_that_verifies(candidates, map_location, weights_only)
+        resolved = resolve(os.fspath(path), self.storage_options)
+        if resolved.from_folder:
             resolved = self._agree_on_newest(resolved)
+        return self._load_resolved(resolved, map_location, weights_only)
+
+    def _load_first_that_verifies(
+        self, candidates: Sequence[str], map_location: MapLocation, weights_only: bool | None
+    ) -> dict[str, Any]:
+        """Load the first candidate that every rank can load; warn about each one skipped."""
+        exchange = Exchange.current(prefix=f"{self._namespace}/load{self._loads}", timeout_s=self.barrier_timeout_s)
+        self._loads += 1
+        failures: list[str] = []
+        for index, candidate in enumerate(candidates):
+            loaded: dict[str, Any] | None = None
+            problem = ""
+            try:
+                loaded = self._load_resolved(resolve(candidate, self.storage_options), map_location, weights_only)
+            except CheckpointError as err:  # corrupt, truncated, missing files: never a reason to stop resuming
+                problem = str(err)
+            if exchange.world_size > 1:
+                views = exchange.barrier(f"verified{index}", payload=problem)
+                problem = problem or "; ".join(f"rank {r}: {p}" for r, p in sorted(views.items()) if p)
+            if not problem:
+                assert loaded is not None
+                return loaded
+            failures.append(f"{candidate}: {problem}")
+            following = f"falling back to {candidates[index + 1]}" if index + 1 < len(candidates) else "none is left"
+            rank_zero_warn(f'ckpt_path="last": {candidate} does not verify ({problem}); {following}.')
+        raise CorruptCheckpointError(
+            'ckpt_path="last": no committed checkpoint verifies:\n  '
+            + "\n  ".join(failures)
+            + "\nResume from an explicit checkpoint or start without ckpt_path."
+        )
+
+    def _load_resolved(
+        self, resolved: Resolved, map_location: MapLocation, weights_only: bool | None
+    ) -> dict[str, Any]:
         self.loaded_path = resolved.url
         if resolved.kind == "dir" and not resolved.storage.is_local:
             resolved = self._download(resolved)

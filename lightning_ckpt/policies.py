@@ -43,6 +43,7 @@ class CheckpointRecord:
         epoch: ``trainer.current_epoch`` when it was saved.
         step: ``trainer.global_step`` when it was saved.
         metric: the monitored metric's value, or ``None`` when it was not logged.
+        run_id: the run that saved it (``None`` for checkpoints saved before run ids existed).
 
     Example:
         >>> CheckpointRecord("ep0-ba100", epoch=0, step=100, metric=0.25).metric
@@ -53,6 +54,7 @@ class CheckpointRecord:
     epoch: int
     step: int
     metric: float | None = None
+    run_id: str | None = None
 
 
 def _int_at_least(argument: str, value: object, low: int, example: str) -> int:

@@ -30,14 +30,33 @@ import torch
 
 from lightning_ckpt import layout
 from lightning_ckpt.checksum import checksum_string, parallel_crc32
-from lightning_ckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, ConfigTypeError, CorruptCheckpointError
 from lightning_ckpt.manifest import FileEntry, Manifest
-from lightning_ckpt.storage import Storage
+from lightning_ckpt.storage import Storage, check_url
 from lightning_ckpt.tree import merge_tensors
 
 __all__ = ["MapLocation", "load_checkpoint_dir", "read_checkpoint", "read_manifest", "verify_files"]
 
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
+
+_PATH_EXAMPLE = "'/data/runs/a/ep3-ba1500' or 's3://bucket/runs/a/ep3-ba1500'"
+
+
+def _check_load_arguments(map_location: object, weights_only: object) -> None:
+    """Reject ``map_location`` / ``weights_only`` values ``torch.load`` would misread or fail on late."""
+    if weights_only is not None and not isinstance(weights_only, bool):
+        raise ConfigError("weights_only", weights_only, "None (the same as True), True or False")
+    example = "'cpu', 'cuda:0', torch.device('cpu'), {'cuda:1': 'cuda:0'} or a callable (storage, location)"
+    if isinstance(map_location, str):
+        try:
+            torch.device(map_location)
+        except RuntimeError as err:
+            raise ConfigError("map_location", map_location, example, f"It is not a device ({err})") from None
+    elif isinstance(map_location, dict):
+        if not all(isinstance(k, str) and isinstance(v, (str, torch.device)) for k, v in map_location.items()):
+            raise ConfigError("map_location", map_location, example, "A dict maps saved device names to devices")
+    elif not (map_location is None or isinstance(map_location, torch.device) or callable(map_location)):
+        raise ConfigTypeError("map_location", map_location, example)
 
 
 def read_manifest(storage: Storage, ckpt_dir: str) -> Manifest:
@@ -174,6 +193,7 @@ def load_checkpoint_dir(
         weights_only: read ``objects.pt`` with ``torch.load(weights_only=...)``; ``None`` means ``True``.
         verify_checksums: compare each file's CRC32 with the manifest.
     """
+    _check_load_arguments(map_location, weights_only)
     manifest = read_manifest(storage, ckpt_dir)
     for entry in manifest.files:
         _check_size(storage, ckpt_dir, entry)
@@ -235,6 +255,23 @@ def read_checkpoint(
     weights_only: bool | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Load a checkpoint directory given as a path or URL (see :func:`lightning_ckpt.load` for resolution)."""
+    """Load the committed checkpoint directory ``path`` (a local path or URL) into the dict that was saved.
+
+    Non-tensor state is unpickled with ``weights_only=True`` unless ``weights_only=False`` is passed.
+
+    Raises:
+        ConfigError: an argument of the wrong type or value (named in the message).
+        CheckpointNotFoundError: nothing is at ``path``.
+        CorruptCheckpointError: ``path`` is not a committed checkpoint, or does not match its manifest.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ConfigTypeError("path", path, _PATH_EXAMPLE, "It must be the path or URL of a checkpoint directory")
+    check_url(os.fspath(path), "path", _PATH_EXAMPLE)
+    _check_load_arguments(map_location, weights_only)
     storage, ckpt_dir = Storage.open(path, storage_options)
+    if not storage.exists(ckpt_dir):
+        raise CheckpointNotFoundError(
+            f"path={os.fspath(path)!r} does not exist; pass a committed checkpoint directory, e.g. {_PATH_EXAMPLE}"
+            " (lightning_ckpt.latest(folder) returns the newest one in a folder)"
+        )
     return load_checkpoint_dir(storage, ckpt_dir, map_location=map_location, weights_only=weights_only)

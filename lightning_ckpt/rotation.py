@@ -34,11 +34,12 @@ from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.policies import CheckpointRecord, RetentionPolicy, plan_deletions
 from lightning_ckpt.storage import Storage
 
-__all__ = ["METRIC_KEY", "check_writable", "delete_checkpoints", "rotate", "scan_records"]
+__all__ = ["METRIC_KEY", "RUN_ID_KEY", "check_writable", "delete_checkpoints", "rotate", "scan_records"]
 
 log = logging.getLogger("lightning_ckpt")
 
 METRIC_KEY = "monitor_value"
+RUN_ID_KEY = "run_id"  # manifest metadata: which run saved the checkpoint (rotation stays within its run)
 
 
 def scan_records(storage: Storage, folder: str, filename: NameFormat) -> list[CheckpointRecord]:
@@ -48,12 +49,14 @@ def scan_records(storage: Storage, folder: str, filename: NameFormat) -> list[Ch
         if filename.parse(name) is None:
             continue
         metric = manifest.metadata.get(METRIC_KEY)
+        run_id = manifest.metadata.get(RUN_ID_KEY)
         records.append(
             CheckpointRecord(
                 name=name,
                 epoch=manifest.epoch,
                 step=manifest.global_step,
                 metric=float(metric) if metric is not None else None,
+                run_id=str(run_id) if run_id is not None else None,
             )
         )
     return records
@@ -102,7 +105,11 @@ def check_writable(storage: Storage, folder: str) -> None:
         storage.write_bytes_atomic(probe, b"")
         storage.remove_file(probe)
     except Exception as err:
+        hint = (
+            "choose a folder this process can write (a read-only mount, permissions or a full disk stop it)"
+            if storage.is_local
+            else "check the bucket name, credentials and storage_options"
+        )
         raise CheckpointError(
-            f"folder={storage.url(folder)!r} is not writable ({type(err).__name__}: {err}); check the bucket"
-            " name, credentials and storage_options"
+            f"folder={storage.url(folder)!r} is not writable ({type(err).__name__}: {err}); {hint}"
         ) from err

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import random
 import time
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lightning_ckpt import layout
+from lightning_ckpt.errors import ConfigError
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.storage import Storage
 
@@ -67,6 +69,20 @@ class RetryPolicy:
     initial_backoff_s: float = 0.5
     max_backoff_s: float = 20.0
     deadline_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ConfigError("attempts", self.attempts, "8", "It must be an int >= 1 (1: no retries)")
+        for argument, value, example in (
+            ("initial_backoff_s", self.initial_backoff_s, "0.5"),
+            ("max_backoff_s", self.max_backoff_s, "20.0"),
+            ("deadline_s", self.deadline_s, "3600.0"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(argument, value, example, "It must be a finite number of seconds >= 0")
+        if self.max_backoff_s < self.initial_backoff_s:
+            raise ConfigError("max_backoff_s", self.max_backoff_s, repr(max(20.0, float(self.initial_backoff_s))),
+                              f"It must be >= initial_backoff_s={self.initial_backoff_s!r}")  # fmt: skip
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait after failed try number ``attempt`` (1-based).

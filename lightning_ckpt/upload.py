@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from lightning_ckpt import layout
+from lightning_ckpt import _faults, layout
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, put_file, with_retries
 
@@ -197,6 +197,7 @@ class Uploader:
         ]
         for future in futures:
             future.result(timeout=self.upload_timeout_s)  # upload_timeout_in_seconds bounds each file
+            _faults.reached("upload.during", job.rank)
         size = sum(os.path.getsize(os.path.join(job.local_dir, n)) for n in job.files)
         log.info("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6,
                  time.monotonic() - start)  # fmt: skip

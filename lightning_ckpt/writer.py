@@ -35,6 +35,7 @@ from typing import IO
 
 import torch
 
+from lightning_ckpt import _faults
 from lightning_ckpt.checksum import checksum_string, crc32
 from lightning_ckpt.manifest import FileEntry, TensorEntry
 from lightning_ckpt.tree import DTYPE_TO_SAFETENSORS
@@ -332,6 +333,8 @@ def write_shard_local(
             filesystem supports it; tensors that are not staged then go through a few reused
             16 MiB aligned blocks.
     """
+    if _faults.armed("shard.half", rank):
+        _faults.write_part_then_die(path, _chunks(plan, image), plan.total_size)
     file = _DirectFile(path, direct=direct_io)
     try:
         if image is not None:
@@ -346,11 +349,23 @@ def write_shard_local(
                 position[0] += len(chunk)
 
             checksum = _write_with_checksum(_chunks(plan), write)
-    except BaseException:
+    except BaseException as err:
         file.abort()
+        _name_the_file(err, path)
         raise
-    file.finish(plan.total_size)
+    try:
+        file.finish(plan.total_size)
+    except OSError as err:  # fsync can be the first to report a full disk
+        _name_the_file(err, path)
+        raise
     return FileEntry(name=plan.file, size=plan.total_size, checksum=checksum, rank=rank)
+
+
+def _name_the_file(err: BaseException, path: str) -> None:
+    """Add the file (inside the checkpoint's hidden staging directory) to an I/O error the kernel reported
+    without it, e.g. ``[Errno 28] No space left on device`` from ``pwrite``."""
+    if isinstance(err, OSError) and not err.filename:
+        err.add_note(f"lightning_ckpt: while writing {path}; this checkpoint is not committed")
 
 
 def write_shard_stream(

@@ -60,6 +60,27 @@ class DumpLoaded(L.Callback):
         torch.save(state_of(pl_module), f"{self.prefix}.rank{trainer.global_rank}.pt")
 
 
+class MarkSteps(L.Callback):
+    """Publishes this rank's pid and newest finished step (files ``<prefix>.rank<r>.pid`` / ``.step``);
+    sleeps ``step_s`` per step so a test can signal the process in the middle of training."""
+
+    def __init__(self, prefix: str, step_s: float) -> None:
+        self.prefix, self.step_s = prefix, step_s
+
+    def _write(self, suffix: str, text: str, rank: int) -> None:
+        path = f"{self.prefix}.rank{rank}.{suffix}"
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write("pid", str(os.getpid()), trainer.global_rank)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._write("step", str(trainer.global_step), trainer.global_rank)
+        time.sleep(self.step_s)
+
+
 class RecordingHook(WriterHook):
     """Appends 'phase name manifest-exists' lines to a per-rank log; optionally stalls one rank."""
 
@@ -107,6 +128,8 @@ def main() -> int:
     p.add_argument("--s3-endpoint", default=None, help="folder is an s3:// URL on this S3 server")
     p.add_argument("--local-folder", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--mark-steps", default=None, help="publish pid and step under this prefix")
+    p.add_argument("--step-sleep", type=float, default=0.0)
     args = p.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -117,6 +140,8 @@ def main() -> int:
         callbacks.append(LimitFileSize(args.fail_write_rank, args.fail_at))
     if args.dump_loaded:
         callbacks.append(DumpLoaded(args.dump_loaded))
+    if args.mark_steps:
+        callbacks.append(MarkSteps(args.mark_steps, args.step_sleep))
     interval: Any = args.interval
     if interval == "rank0-callable":  # only rank 0 ever says yes: ranks must follow rank 0's decision
 
@@ -150,7 +175,9 @@ def main() -> int:
         # One gradient bucket per parameter: DDP rebuilds its bucket layout after the first step of
         # every process, so with 3+ ranks a resumed run would otherwise sum gradients in a different
         # float order than an uninterrupted one (2 ranks are exact either way).
-        strategy=DDPStrategy(bucket_cap_mb=1e-6, start_method="spawn" if args.spawn else "popen"),
+        strategy=DDPStrategy(bucket_cap_mb=1e-6, start_method="spawn" if args.spawn else "popen")
+        if args.devices * args.num_nodes > 1 or "LOCAL_RANK" in os.environ
+        else "auto",  # one plain process: no process group
         devices=args.devices,
         num_nodes=args.num_nodes,
     )

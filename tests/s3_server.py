@@ -5,7 +5,8 @@ Register with ``pytest_plugins = ["tests.s3_server"]``. Everything listens on 12
 Fixtures:
     ``s3_server`` (session): a running :class:`S3Server`, stopped at the end of the run.
     ``s3_bucket``: wipes the server, creates a fresh bucket, yields ``S3Bucket(url, storage_options)``.
-    ``fault_proxy``: a :class:`FaultProxy` in front of the session server, stopped after the test.
+    ``fault_proxy``: a :class:`FaultProxy` in front of the session server, stopped after the test
+    (it answers 503s, drops connections, delays, or stalls requests that never get an answer).
     ``s3_bucket_via_proxy``: like ``s3_bucket`` but the storage options point at ``fault_proxy``.
 
 While ``s3_bucket`` / ``s3_bucket_via_proxy`` are active, botocore does one attempt per request and
@@ -34,6 +35,7 @@ import pytest
 from tests.servers import HOST, LoopbackServer, free_port, http_request
 
 __all__ = [
+    "STALLED",
     "FaultProxy",
     "ProxyRequest",
     "S3Bucket",
@@ -130,8 +132,12 @@ class S3Server(LoopbackServer):
             raise RuntimeError(f"moto reset failed: HTTP {status}")
 
 
+STALLED = -1  # ProxyRequest.status of a request the proxy never answered (FaultProxy.stall_next / stall)
+
+
 class ProxyRequest(NamedTuple):
-    """One request seen by :class:`FaultProxy`; ``status`` is 0 for a dropped connection."""
+    """One request seen by :class:`FaultProxy`; ``status`` is 0 for a dropped connection, ``STALLED`` (-1)
+    for one that was never answered (recorded when the stall begins)."""
 
     method: str
     path: str
@@ -140,12 +146,13 @@ class ProxyRequest(NamedTuple):
 
 @dataclass
 class _Fault:
-    kind: str  # "fail", "drop" or "delay"
+    kind: str  # "fail", "drop", "delay" or "stall"
     remaining: int
     status: int = 503
     body: bytes = b""
     seconds: float = 0.0
     match: Matcher | None = None
+    release: threading.Event | None = None  # "stall": set when the stalled requests may give up
 
 
 def _matches(match: Matcher | None, method: str, path: str) -> bool:
@@ -198,6 +205,14 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._body()
         if fault is not None and fault.kind == "delay":
             time.sleep(fault.seconds)
+        if fault is not None and fault.kind == "stall":
+            for _ in body or ():  # the whole request arrives; no answer ever leaves
+                pass
+            owner._record(self.command, self.path, STALLED)
+            assert fault.release is not None
+            fault.release.wait()
+            self.close_connection = True
+            return
         if fault is not None and fault.kind in ("fail", "drop"):
             for _ in body or ():
                 pass
@@ -299,6 +314,7 @@ class FaultProxy:
         self.requests: list[ProxyRequest] = []
         self._faults: list[_Fault] = []
         self._outage: _Fault | None = None
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._server = _ProxyHTTPServer(self)
@@ -323,17 +339,41 @@ class FaultProxy:
         """Sleep ``seconds`` before forwarding each of the next ``n`` matching requests."""
         self._plan(_Fault("delay", n, seconds=seconds, match=match))
 
+    def stall_next(self, n: int, match: Matcher | None = None) -> None:
+        """Read the next ``n`` matching requests and never answer them (until :meth:`stop`), like a hung server."""
+        self._plan(_Fault("stall", n, match=match, release=self._stopped))
+
     def outage(self, on: bool, status: int = 503, match: Matcher | None = None) -> None:
         """While on, every matching request gets ``status`` (before any planned fault)."""
         code = _ERROR_CODES.get(status, "InternalError")
         with self._lock:
+            self._release_stalled()
             self._outage = _Fault("fail", -1, status, error_body(code), match=match) if on else None
 
-    def clear(self) -> None:
-        """Drop every planned fault and end any outage."""
+    def stall(self, on: bool, match: Matcher | None = None) -> None:
+        """While on, every matching request is read and never answered (a store that stops responding);
+        it replaces an :meth:`outage`, as an outage replaces it.
+
+        Turning it off lets the stalled requests' connections close unanswered; later requests pass.
+        """
         with self._lock:
-            self._faults.clear()
+            self._release_stalled()
+            if on:
+                self._outage = _Fault("stall", -1, match=match, release=threading.Event())
+            elif self._outage is not None and self._outage.kind == "stall":
+                self._outage = None
+
+    def _release_stalled(self) -> None:
+        """Let the requests held by the current :meth:`stall` go (call with the lock held)."""
+        if self._outage is not None and self._outage.release is not None:
+            self._outage.release.set()
+
+    def clear(self) -> None:
+        """Drop every planned fault and end any outage or stall."""
+        with self._lock:
+            self._release_stalled()
             self._outage = None
+            self._faults.clear()
 
     def count(self, method: str | None = None, status: int | None = None) -> int:
         """How many requests (of ``method``, with ``status``) the proxy has seen."""
@@ -374,7 +414,9 @@ class FaultProxy:
             self._connections.discard(conn)
 
     def stop(self) -> None:
-        """Stop accepting, cut open client connections, and join the serving thread."""
+        """Release stalled requests, stop accepting, cut open client connections, and join the serving thread."""
+        self._stopped.set()
+        self.clear()
         self._server.shutdown()
         self._server.server_close()
         with self._lock:
