@@ -161,7 +161,10 @@ def fit_once(variant: str, cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     returned = time.perf_counter()
     total = returned - start
     names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    saved = [n for n in names if not os.path.islink(os.path.join(folder, n)) and not n.endswith(".symlink")]
+    saved = [
+        n for n in names if not os.path.islink(os.path.join(folder, n)) and not n.endswith(".symlink")
+        and not n.startswith(".")  # the run's folder lock
+    ]  # fmt: skip
     return {
         "total_s": total,
         "steps_s": timer.steps(),
