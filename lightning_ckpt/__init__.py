@@ -15,8 +15,10 @@ from lightning_ckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
+    ConfigTypeError,
     CorruptCheckpointError,
     FolderConflictError,
+    FolderInUseError,
 )
 from lightning_ckpt.interval import Event, SaveSchedule
 from lightning_ckpt.plugin import ShardedCheckpointIO
@@ -31,9 +33,11 @@ __all__ = [
     "CheckpointSaver",
     "CollectiveError",
     "ConfigError",
+    "ConfigTypeError",
     "CorruptCheckpointError",
     "Event",
     "FolderConflictError",
+    "FolderInUseError",
     "RetryPolicy",
     "SaveSchedule",
     "ShardedCheckpointIO",

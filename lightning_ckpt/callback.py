@@ -31,10 +31,10 @@ from lightning_ckpt import _lightning, layout
 from lightning_ckpt.commit import remove_leftovers
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.dist import Exchange
-from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, FolderConflictError
+from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, FolderConflictError, FolderInUseError
 from lightning_ckpt.interval import AgreementCadence, Event, SavePoint, SaveSchedule, parse_save_interval
 from lightning_ckpt.layout import NameFormat
-from lightning_ckpt.lock import FolderInUseError, FolderLock
+from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.plugin import ShardedCheckpointIO
 from lightning_ckpt.policies import CheckpointRecord, build_retention_policy
 from lightning_ckpt.preemption import DEFAULT_SIGNALS, PREEMPTION_CHECK_S, PreemptionWatch, parse_signals
@@ -153,7 +153,7 @@ class CheckpointSaver(Checkpoint):
             it, and says so in the log). The checkpoint is the state at the save call, even though
             training changes the parameters right after. ``False`` returns only once committed.
         lock_folder: hold a lock on ``folder`` for the whole fit, so a second run pointed at the same
-            folder is refused before training (:class:`~lightning_ckpt.lock.FolderInUseError`). With
+            folder is refused before training (:class:`~lightning_ckpt.errors.FolderInUseError`). With
             ``False`` runs may share a folder; each still rotates only its own checkpoints.
         preemption_signals: signals that announce preemption (default ``SIGTERM`` and ``SIGUSR1``,
             what Kubernetes and SLURM send); ``None`` leaves signals to Lightning. On one, the saver
@@ -393,7 +393,8 @@ class CheckpointSaver(Checkpoint):
         self._io = self._plugin(trainer)
         if not storage.is_local or stage == "fit":  # a read-only folder fails here, before training (once a fit)
             check_writable(storage, folder)
-        self._claim_folder(trainer, storage, folder)
+        if stage == "fit":  # only a fit saves: evaluating a live run's checkpoints is never refused
+            self._claim_folder(trainer, storage, folder)
         if not storage.is_local:
             self._upload_leftovers(trainer, storage, folder)
         if self._agree_in_setup:

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigTypeError",
     "CorruptCheckpointError",
     "FolderConflictError",
+    "FolderInUseError",
 ]
 
 
@@ -68,3 +69,7 @@ class CorruptCheckpointError(CheckpointError):
 
 class FolderConflictError(CheckpointError):
     """A checkpoint folder already holds checkpoints this run would overwrite."""
+
+
+class FolderInUseError(FolderConflictError):
+    """Another live run holds the checkpoint folder (see :mod:`lightning_ckpt.lock`)."""

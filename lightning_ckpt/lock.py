@@ -37,21 +37,17 @@ import time
 import uuid
 from typing import Any
 
-from lightning_ckpt.errors import FolderConflictError
+from lightning_ckpt.errors import FolderInUseError
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, with_retries
 
-__all__ = ["LEASE_REFRESH_S", "LEASE_STALE_S", "LOCK_FILENAME", "FolderInUseError", "FolderLock"]
+__all__ = ["LEASE_REFRESH_S", "LEASE_STALE_S", "LOCK_FILENAME", "FolderLock"]
 
 log = logging.getLogger("lightning_ckpt")
 
 LOCK_FILENAME = ".lightning_ckpt.lock"
 LEASE_REFRESH_S = 60.0
 LEASE_STALE_S = 300.0
-
-
-class FolderInUseError(FolderConflictError):
-    """Another live run holds the checkpoint folder."""
 
 
 def _owner(run_name: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from fsspec.registry import known_implementations, registry
 
 from lightning_ckpt import layout
 from lightning_ckpt.errors import ConfigError, ConfigTypeError
+from lightning_ckpt.redact import register_secrets
 
 __all__ = ["HIDDEN", "Storage", "check_storage_options", "check_url", "fsync_dir", "is_url"]
 
@@ -125,6 +126,8 @@ def check_storage_options(
     """
     if options is None:
         return {}
+    if isinstance(options, Mapping):
+        register_secrets(options)  # scrubbed from every log record from now on, whoever logs them
     if not isinstance(options, Mapping):
         reason = f"{argument} must be a dict of fsspec options, got {type(options).__name__}"
         raise ConfigTypeError(argument, HIDDEN, _OPTIONS_EXAMPLE, reason)

@@ -15,9 +15,8 @@ import fsspec
 import lightning as L
 import pytest
 
-from lightning_ckpt import CheckpointSaver, FolderConflictError, ShardedCheckpointIO
+from lightning_ckpt import CheckpointSaver, FolderConflictError, FolderInUseError, ShardedCheckpointIO
 from lightning_ckpt.demo import TinyRegressor, build_trainer
-from lightning_ckpt.lock import FolderInUseError
 
 from .s3_server import S3Bucket
 from .test_distributed import ROOT, WORKER
@@ -81,6 +80,10 @@ def test_a_second_run_on_the_same_folder_is_refused_before_training_until_the_fi
             _fit(tmp_path / "second", second)
         assert "CheckpointSaver(lock_folder=False)" in str(info.value) and repr(folder) in str(info.value)
         assert isinstance(info.value, FolderConflictError)
+        # Evaluating with the same callbacks only reads: never refused.
+        evaluating = CheckpointSaver(folder=folder, storage_options=options, run_name="ddp")
+        io = ShardedCheckpointIO(cache_dir=str(tmp_path / "eval-cache"))
+        build_trainer(str(tmp_path / "eval"), callbacks=[evaluating], plugins=[io]).validate(TinyRegressor())
     finally:
         os.kill(first.pid, signal.SIGKILL)  # a dead run holds nothing: no stale lock blocks the restart
         first.communicate()
