@@ -506,15 +506,20 @@ class CheckpointSaver(Checkpoint):
         self._leftovers_done = True
         io = self._plugin(trainer)
         local_root = self._local_root(storage, folder)
-        in_store = {name for name, _ in list_committed(storage, folder)}
+        stored = list_committed(storage, folder)
+        in_store = {name for name, _ in stored}
+        newest_stored = max((m.global_step for _, m in stored), default=-1)
         local_storage, root = Storage.open(local_root)
         uploader = io.uploader(storage.url(folder))
-        for name, manifest in list_committed(local_storage, root):
-            if name in in_store or self.filename.parse(name) is None:
-                continue
+        missing = [(n, m) for n, m in list_committed(local_storage, root)
+                   if n not in in_store and self.filename.parse(n) is not None]  # fmt: skip
+        rank = _lightning.rank_info(trainer)
+        pointer = self.latest_filename.render(run_name=self.run_name, rank=rank) if self.latest_filename else None
+        for index, (name, manifest) in enumerate(missing):
             log.info("Uploading %s, committed locally by an earlier run but not in %s", name, storage.url(folder))
+            newest = index == len(missing) - 1 and manifest.global_step >= newest_stored  # it moves the pointer
             job = UploadJob(local_dir=os.path.join(root, name), name=name, files=[f.name for f in manifest.files],
-                            commit=True)  # fmt: skip
+                            commit=True, pointer=pointer if newest else None)  # fmt: skip
             uploader.submit(job)
         uploader.wait()
 

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from lightning_ckpt import layout
 from lightning_ckpt.commit import read_pointer
-from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigTypeError, CorruptCheckpointError
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.reader import read_manifest, verify_files
 from lightning_ckpt.storage import Storage
@@ -87,6 +87,8 @@ def latest(folder: str | os.PathLike[str], storage_options: Mapping[str, Any] | 
         >>> latest(tempfile.mkdtemp()) is None
         True
     """
+    if not isinstance(folder, (str, os.PathLike)):
+        raise ConfigTypeError("folder", folder, "'/data/runs/a' or 's3://bucket/runs/a'", "It must be a path or URL")
     storage, root = Storage.open(folder, storage_options)
     if storage.isfile(root):
         raise NotADirectoryError(f"folder={os.fspath(folder)!r} is a file; pass the folder that holds checkpoints")

@@ -56,7 +56,7 @@ from lightning_ckpt.reader import MapLocation, load_checkpoint_dir
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage, check_storage_options
-from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, download_checkpoint
+from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, download_checkpoint, with_retries
 from lightning_ckpt.upload import Uploader, UploadJob
 
 __all__ = ["ShardedCheckpointIO"]
@@ -76,8 +76,8 @@ class ShardedCheckpointIO(CheckpointIO):
         upload_timeout_in_seconds: bound on waiting for uploads (per checkpoint, and at fit end).
         cache_dir: local directory for checkpoints of remote folders (uploads and downloads);
             default ``~/.cache/lightning_ckpt``.
-        upload_retry: how transient upload failures are retried (default ``RetryPolicy()``: 8 tries,
-            exponential backoff from 0.5 s).
+        upload_retry: how transient object-store failures are retried: uploads, manifest downloads and
+            the folder lease (default ``RetryPolicy()``: 8 tries, exponential backoff from 0.5 s).
         async_save: return from a save once the tensors are copied into reused staging buffers
             (pinned memory for CUDA tensors) and write, commit and upload in the background, one
             save in flight. Off by default here, because Lightning's own callers
@@ -389,7 +389,11 @@ class ShardedCheckpointIO(CheckpointIO):
         name = storage.basename(resolved.path)
         local = os.path.join(self.cache_for(folder_url, "downloads"), name)
         os.makedirs(os.path.dirname(local), exist_ok=True)
-        remote_manifest = storage.read_bytes(storage.join(resolved.path, layout.MANIFEST_FILENAME))
+        manifest_path = storage.join(resolved.path, layout.MANIFEST_FILENAME)
+        remote_manifest = with_retries(
+            lambda: storage.read_bytes(manifest_path), what=f"download of {storage.url(manifest_path)}",
+            policy=self.upload_retry,
+        )  # fmt: skip
         with open(local + ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             local_manifest = os.path.join(local, layout.MANIFEST_FILENAME)
@@ -486,7 +490,8 @@ class ShardedCheckpointIO(CheckpointIO):
                 verify_checksums=self.verify_checksums,
             )
         with resolved.storage.open_read(resolved.path) as f:
-            loaded = torch.load(f, map_location=map_location, weights_only=weights_only)
+            safe = True if weights_only is None else weights_only  # even where torch's own default is overridden
+            loaded = torch.load(f, map_location=map_location, weights_only=safe)
         if not isinstance(loaded, dict):
             raise TypeError(f"{resolved.url} holds a {type(loaded).__name__}, not a Lightning checkpoint dict")
         return loaded

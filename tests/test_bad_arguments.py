@@ -180,7 +180,6 @@ S3 = "s3://bucket/{run_name}"
 SECRET_OPTIONS = {"key": SECRET, "secret": SECRET}
 REMOTE = "s3://bucket/run/ep{epoch}-ba{batch}"
 HIDDEN = "'<hidden>'"
-LATEST_UNCHECKED = "discovery.latest passes folder to os.fspath unchecked: a bare TypeError without the name"
 
 # fmt: off
 CASES = [
@@ -298,7 +297,7 @@ CASES = [
     _row("read_checkpoint-map_location-dict-values", _read(map_location={"cpu": 0}), "map_location", "{'cpu': 0}"),
     _row("read_checkpoint-storage_options-str", _read(storage_options=SECRET), "storage_options", HIDDEN,
          error=TypeError),
-    _row("latest-folder-type", _latest(3), "folder", "3", error=TypeError, xfail=LATEST_UNCHECKED),
+    _row("latest-folder-type", _latest(3), "folder", "3", error=TypeError),
     _row("latest-storage_options-list", _latest(storage_options=[SECRET]), "storage_options", HIDDEN, error=TypeError),
     _row("latest-storage_options-unknown-s3-option",
          _latest("s3://bucket/run", {**SECRET_OPTIONS, "endpoint": SECRET}), "storage_options", "'endpoint'"),
