@@ -449,6 +449,7 @@ def test_a_full_object_store_fails_the_upload_with_enospc_and_loses_nothing(
     io2 = ShardedCheckpointIO(cache_dir=str(tmp_path / "cache2"), upload_retry=FAST_RETRY)
     resumed, _ = _fit(tmp_path / "b", saver(), 2, io2, ckpt_path="last")
     assert io2.loaded_path == f"{folder}/ep1-ba16"
+    assert fsspec.filesystem("fullmem").cat_file(f"{folder}/latest.symlink") == b"ep1-ba16", "pointer moved too"
     assert _same(state_of(resumed), reference[2])
     assert _same(read_checkpoint(f"{folder}/ep1-ba16")["state_dict"], reference[2])
 
