@@ -411,6 +411,10 @@ class CheckpointSaver(Checkpoint):
         self._resumed_from = os.path.basename(os.path.normpath(resumed)) if resumed else None
         self._run_id = self._lineage(trainer, loaded)
         named = [r for r in scan_records(storage, folder, self.filename) if self._is_mine(r.name, trainer)]
+        damaged = {storage.basename(u.rstrip("/")) for u in (self._io.skipped if self._io is not None else [])}
+        if damaged:  # "last" fell back past them: this run saves over them instead of refusing to start
+            log.warning("Checkpoints that do not verify will be replaced as this run saves: %s", sorted(damaged))
+            named = [r for r in named if r.name not in damaged]
         self._records = [r for r in named if r.run_id in (None, self._run_id)]  # other runs' are never rotated
         self._foreign = {r.name for r in named if r.run_id not in (None, self._run_id)}
         start = _lightning.resume_step(trainer)

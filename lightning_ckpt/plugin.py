@@ -160,6 +160,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self._peers: dict[str, list[int]] = {}
         self._previous: Exchange | None = None
         self._redirects: dict[str, list[str]] = {}
+        self.skipped: list[str] = []  # checkpoints "last" fell back past (they did not verify)
         self.loaded_path: str | None = None
 
     def __repr__(self) -> str:
@@ -467,6 +468,7 @@ class ShardedCheckpointIO(CheckpointIO):
                 assert loaded is not None
                 return loaded
             failures.append(f"{candidate}: {problem}")
+            self.skipped.append(candidate)
             following = f"falling back to {candidates[index + 1]}" if index + 1 < len(candidates) else "none is left"
             rank_zero_warn(f'ckpt_path="last": {candidate} does not verify ({problem}); {following}.')
         raise CorruptCheckpointError(

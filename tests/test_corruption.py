@@ -16,6 +16,8 @@ import torch
 from lightning_ckpt import CheckpointSaver, CorruptCheckpointError, ShardedCheckpointIO, read_checkpoint
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
 
+from .test_distributed import run_two_nodes
+
 SHARD = "shard-00000-of-00001.safetensors"
 
 
@@ -68,13 +70,14 @@ def test_last_falls_back_to_the_newest_checkpoint_that_verifies_and_says_so(
     loaded = Loaded()
     L.seed_everything(0, verbose=False)
     io = ShardedCheckpointIO()
-    saver = CheckpointSaver(folder=str(folder), run_name="c", save_interval="1ep", overwrite=True)
+    saver = CheckpointSaver(folder=str(folder), run_name="c", save_interval="1ep")  # no overwrite=True needed
     trainer = build_trainer(str(tmp_path), max_epochs=2, callbacks=[saver, loaded], plugins=[io])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TinyRegressor(), ckpt_path="last")
     assert io.loaded_path == str(folder / "ep0-ba8")
     assert all(torch.equal(loaded.weights[k], kept[k]) for k in kept)
+    assert read_checkpoint(str(folder / "ep1-ba16"))["global_step"] == 16, "the damaged one was saved over"
     said = [str(w.message) for w in caught if "does not verify" in str(w.message)]
     logged = [r.getMessage() for r in caplog.records if "does not verify" in r.getMessage()]
     if case.startswith("flipped-byte"):
@@ -105,3 +108,23 @@ def test_a_pointer_naming_a_deleted_checkpoint_is_reported(tmp_path: Path) -> No
         ShardedCheckpointIO().load_checkpoint(str(folder / "latest.symlink"))
     manifest = json.loads((folder / "ep0-ba8" / "manifest.json").read_text())
     assert manifest["global_step"] == 8 and os.path.islink(folder / "latest")
+
+
+def test_ranks_fall_back_together_when_only_one_node_sees_corruption(tmp_path: Path) -> None:
+    """Two nodes with separate disks: node 1's newest copy is damaged, node 0's is fine. Both ranks
+    must resume from the same (older) step: a rank resuming alone from a newer one would diverge."""
+    folder = str(tmp_path / "node{node_rank}" / "ckpts")
+    for result in run_two_nodes("--folder", folder, "--epochs", "2"):
+        assert result.returncode == 0, result.stderr[-3000:]
+    damaged = tmp_path / "node1" / "ckpts" / "ep1-ba8"
+    (shard,) = damaged.glob("shard-*")
+    _flip(shard)
+    resumed = run_two_nodes("--folder", folder, "--epochs", "3", "--resume", "--dump-loaded", str(tmp_path / "loaded"))
+    for result in resumed:
+        assert result.returncode == 0, result.stderr[-3000:]
+    text = "".join(r.stderr for r in resumed)
+    assert "ep1-ba8 does not verify" in text and f"rank 1: {shard}: checksum" in text
+    loaded = [torch.load(tmp_path / f"loaded.rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for rank, weights in enumerate(loaded):
+        expected = read_checkpoint(str(tmp_path / f"node{rank}" / "ckpts" / "ep0-ba4"))["state_dict"]
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), f"rank {rank} resumed from ep0-ba4"
