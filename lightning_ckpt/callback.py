@@ -447,11 +447,8 @@ class CheckpointSaver(Checkpoint):
 
     def _local_root(self, storage: Storage, folder: str) -> str:
         """Where checkpoints of a remote ``folder`` are committed locally before upload."""
-        return self.local_folder or self._plugin_cache_for(storage.url(folder))
-
-    def _plugin_cache_for(self, url: str) -> str:
         assert self._io is not None, "the plugin is chosen before checkpoints are looked up"
-        return self._io.cache_for(url, "uploads")
+        return self.local_folder or self._io.cache_for(storage.url(folder), "uploads")
 
     def _claim_folder(self, trainer: Trainer, storage: Storage, folder: str) -> None:
         """Global rank 0 takes the folder's lock; every rank learns the outcome, so all fail together."""
@@ -483,9 +480,8 @@ class CheckpointSaver(Checkpoint):
                 run_id = read_manifest(storage, path).metadata.get(RUN_ID_KEY)
             except Exception:  # a legacy .ckpt file or another library's checkpoint: a new run
                 run_id = None
-        if run_id is None:
-            run_id = _lightning.decide_on_rank_zero(trainer, lambda: uuid.uuid4().hex[:16])
-        return str(run_id)
+        proposal = str(run_id) if run_id is not None else uuid.uuid4().hex[:16]
+        return _lightning.decide_on_rank_zero(trainer, lambda: proposal)  # every rank, always: one broadcast
 
     def _plugin(self, trainer: Trainer) -> ShardedCheckpointIO:
         """The plugin this saver writes through for ``trainer``, with this saver's remote settings (made once)."""
