@@ -106,8 +106,11 @@ def max_across_ranks(trainer: Trainer, values: list[int]) -> list[int]:
     if trainer.world_size == 1:
         return list(values)
     tensor = torch.tensor(values, dtype=torch.int64, device=trainer.strategy.root_device)
-    reduced = trainer.strategy.reduce(tensor, reduce_op="max")
-    return [int(v) for v in reduced.tolist()]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)  # no barrier: one collective
+    else:  # a strategy with its own collectives
+        tensor = trainer.strategy.reduce(tensor, reduce_op="max")
+    return [int(v) for v in tensor.tolist()]
 
 
 def preemption_exit() -> BaseException:

@@ -91,3 +91,14 @@ def test_bench_fit_smoke(tmp_path: Path) -> None:
             assert math.isfinite(row["stall_per_save_s"]["median"]), key
             assert isinstance(row["overhead_s"], float), key
     assert os.listdir(tmp_path) == ["fit.json"]
+
+
+@pytest.mark.timeout(120)
+def test_bench_preemption_check_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "check.json"
+    proc = run_script("bench_preemption_check.py", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| step time | ours: checks |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert set(report["check_us"]) == {"ours", "lightning"} and all(v > 0 for v in report["check_us"].values())
+    assert [row["every_n_steps"] for row in report["rows"]] == [100, 20, 5, 1]
