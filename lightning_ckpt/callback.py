@@ -530,6 +530,10 @@ class CheckpointSaver(Checkpoint):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._preemption.uninstall()
+        if self._io is not None:  # before Lightning finalizes the loggers: the last saves' metrics get in
+            self._io.wait_for_save()
+            self._io.wait_for_uploads()
+            self._log_finished_saves(trainer)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -554,6 +558,21 @@ class CheckpointSaver(Checkpoint):
         if self._io is not None:
             self._io.wait_for_save()
             self._io.wait_for_uploads()
+            if self._log_finished_saves(trainer):
+                for logger in trainer.loggers:
+                    logger.save()
+
+    def _log_finished_saves(self, trainer: Trainer) -> bool:
+        """Send the metrics of saves and uploads finished since the last call to the trainer's loggers,
+        each at the step its checkpoint holds. Runs on the training thread; returns whether any was logged."""
+        events = self._io.finished_saves() if self._io is not None else []
+        for kind, stats in events:
+            if stats.step is None:
+                continue
+            metrics = stats.metrics(upload=kind == "upload")
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=stats.step)
+        return bool(events)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -572,6 +591,8 @@ class CheckpointSaver(Checkpoint):
     # -- saving ----------------------------------------------------------------------------------
     def _maybe_save(self, trainer: Trainer, event: Event) -> None:
         step = trainer.global_step
+        if self._io is not None and self._io.has_finished_saves:  # a save or upload finished since the last step
+            self._log_finished_saves(trainer)
         if self._preemption.signals and self._preempted(trainer, event):
             self._save_and_exit(trainer)
         if step == self._last_saved_step or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):

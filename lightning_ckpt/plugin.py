@@ -29,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -142,6 +143,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[Any]] = []
         self.last_save: SaveStats | None = None
+        self._events: deque[tuple[str, SaveStats]] = deque()  # appended in the background, drained on the loop
         self.storage_options = options
         self.verify_checksums = verify_checksums
         self.num_concurrent_uploads = num_concurrent_uploads
@@ -188,7 +190,7 @@ class ShardedCheckpointIO(CheckpointIO):
             return prepare_save(checkpoint, target, exchange=alone, nonce=new_nonce(), storage_options=options,
                                 staging=staging)  # fmt: skip
 
-        self._run_save(prepare, asynchronous=self.async_save)
+        self._run_save(prepare, asynchronous=self.async_save, step=_step_of(checkpoint))
 
     def save_collective(
         self,
@@ -241,14 +243,17 @@ class ShardedCheckpointIO(CheckpointIO):
                 staging=staging,
             )
 
-        def committed(result: SaveResult) -> None:
+        def committed(result: SaveResult, stats: SaveStats) -> None:
             if remote_storage.is_local:
                 if after_commit is not None and result.leader:
                     after_commit()
                 return
-            self._submit_upload(result, remote_storage, remote_target, latest_filename, upload_key, after_commit)
+            self._submit_upload(result, remote_storage, remote_target, latest_filename, upload_key, after_commit, stats)
 
-        result = self._run_save(prepare, asynchronous=asynchronous, committed=committed)
+        result = self._run_save(
+            prepare, asynchronous=asynchronous, committed=committed, step=_step_of(checkpoint),
+            uploads=not remote_storage.is_local,
+        )  # fmt: skip
         if not remote_storage.is_local:
             return SaveResult(path=remote_storage.url(remote_target), group=result.group, leader=result.leader,
                               files=result.files)  # fmt: skip
@@ -262,12 +267,15 @@ class ShardedCheckpointIO(CheckpointIO):
         latest_filename: str | None,
         key: str,
         after_commit: Callable[[], None] | None,
+        stats: SaveStats | None = None,
     ) -> None:
         """Queue the upload of a locally committed checkpoint of a remote folder (on every rank)."""
         remote_folder = remote_storage.url(remote_storage.dirname(remote_target))
         name = remote_storage.basename(remote_target)
         local_root = os.path.dirname(local.path)
         uploader = self.uploader(remote_folder)
+        if stats is not None:  # its log line and metrics describe the checkpoint in the store
+            stats.path = remote_storage.url(remote_target)
 
         def committed_remotely() -> None:
             if after_commit is not None:
@@ -286,6 +294,8 @@ class ShardedCheckpointIO(CheckpointIO):
                 rank=exchange_rank(),
                 pointer=latest_filename,
                 after_commit=committed_remotely,
+                stats=stats,
+                on_uploaded=self._record_upload,
             )
         )
 
@@ -295,28 +305,32 @@ class ShardedCheckpointIO(CheckpointIO):
         prepare: Callable[[StagingBuffer | None], PreparedSave],
         *,
         asynchronous: bool,
-        committed: Callable[[SaveResult], None] | None = None,
+        committed: Callable[[SaveResult, SaveStats], None] | None = None,
+        step: int | None = None,
+        uploads: bool = False,
     ) -> SaveResult:
         """Wait for the previous save, run ``prepare`` (the blocking part), then write and commit,
-        in the background when ``asynchronous``. Returns what the save does on this rank."""
+        in the background when ``asynchronous``. Returns what the save does on this rank.
+
+        With ``uploads`` the save's log line is written once the upload is committed too.
+        """
         start = time.perf_counter()
         self.wait_for_save()
         waited = time.perf_counter() - start
         prepared = prepare(self._staging if asynchronous else None)
-        stats = SaveStats(path=prepared.url, nbytes=prepared.nbytes, waited_s=waited, asynchronous=asynchronous)
+        stats = SaveStats(path=prepared.url, nbytes=prepared.nbytes, waited_s=waited, asynchronous=asynchronous,
+                          step=step)  # fmt: skip
 
         def finish() -> SaveResult:
             began = time.perf_counter()
             result = finish_save(prepared, direct_io=self.direct_io)
             done = time.perf_counter()
             stats.finished(write_s=done - began, durable_s=done - start)
-            if result.leader:
-                log.info(
-                    "Saved checkpoint %s: %.2f GB in %.2f s (%.2f GB/s), training blocked %.3f s",
-                    result.path, stats.nbytes / 1e9, stats.write_s, stats.write_gbps, stats.blocking_s,
-                )  # fmt: skip
+            if result.leader and not uploads:  # one line per save; a remote save's comes with its upload
+                log.info(stats.summary())
+            self._events.append(("write", stats))
             if committed is not None:
-                committed(result)
+                committed(result, stats)
             return result
 
         self.last_save = stats
@@ -327,6 +341,27 @@ class ShardedCheckpointIO(CheckpointIO):
         self._in_flight.append(self._background().submit(finish))
         stats.blocking_s = time.perf_counter() - start
         return prepared.result
+
+    def _record_upload(self, stats: SaveStats, committed_here: bool) -> None:
+        """An upload finished on this rank (background thread): log its line where committed, queue its metrics."""
+        if committed_here:
+            log.info(stats.summary())
+        self._events.append(("upload", stats))
+
+    @property
+    def has_finished_saves(self) -> bool:
+        """Whether :meth:`finished_saves` has something to return (one deque test: cheap at every step)."""
+        return bool(self._events)
+
+    def finished_saves(self) -> list[tuple[str, SaveStats]]:
+        """Saves and uploads that finished since the last call: ``("write" | "upload", stats)``, oldest first.
+
+        :class:`~lightning_ckpt.CheckpointSaver` turns them into logger metrics on the training thread.
+        """
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
 
     def _background(self) -> ThreadPoolExecutor:
         if self._executor is None:
@@ -556,3 +591,8 @@ def prune_local_copies(local_root: str, *, keep: str, uploaded: Sequence[str]) -
     for name in set(uploaded) - {keep}:
         if storage.exists(storage.join(root, name)):
             remove_checkpoint_dir(storage, storage.join(root, name))
+
+
+def _step_of(checkpoint: Mapping[str, Any]) -> int | None:
+    step = checkpoint.get("global_step")
+    return int(step) if isinstance(step, int) else None

@@ -1,12 +1,14 @@
-"""What one save cost: time training was blocked, background write time, time to durable commit.
+"""What one save cost: time training was blocked, background write time, time to durable commit, upload.
 
 Example:
-    >>> stats = SaveStats(path="/ckpts/ba8", nbytes=2_000_000_000, blocking_s=0.09)
+    >>> stats = SaveStats(path="/ckpts/ba8", nbytes=2_000_000_000, blocking_s=0.09, step=8)
     >>> stats.durable_s is None  # still writing in the background
     True
     >>> stats.finished(write_s=0.8, durable_s=0.9)
     >>> round(stats.write_gbps, 2)
     2.5
+    >>> sorted(stats.metrics())
+    ['checkpoint/bytes', 'checkpoint/commit_s', 'checkpoint/stall_s', 'checkpoint/write_GBps', 'checkpoint/write_s']
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class SaveStats:
         durable_s: from the start of the save call until the checkpoint was committed durably;
             ``None`` until finished.
         asynchronous: whether the write ran in the background.
+        step: the global step the checkpoint holds (``None`` if the checkpoint dict has none).
+        upload_s: uploading this rank's files of a remote checkpoint; ``None`` until uploaded.
+        upload_bytes: bytes this rank uploaded.
     """
 
     path: str
@@ -40,6 +45,9 @@ class SaveStats:
     write_s: float | None = None
     durable_s: float | None = None
     asynchronous: bool = False
+    step: int | None = None
+    upload_s: float | None = None
+    upload_bytes: int = 0
 
     def finished(self, *, write_s: float, durable_s: float) -> None:
         """Record the end of the write and commit."""
@@ -49,3 +57,35 @@ class SaveStats:
     def write_gbps(self) -> float:
         """Write throughput in GB/s (10^9 bytes per second; 0 until finished)."""
         return self.nbytes / self.write_s / 1e9 if self.write_s else 0.0
+
+    @property
+    def upload_gbps(self) -> float:
+        """Upload throughput in GB/s (0 until uploaded)."""
+        return self.upload_bytes / self.upload_s / 1e9 if self.upload_s else 0.0
+
+    def metrics(self, *, upload: bool = False) -> dict[str, float]:
+        """The logger metrics of the write (``upload=False``) or of the upload, by their logged names.
+
+        ``stall_s`` is the time the training loop was blocked; ``write_s`` the background write,
+        barrier and commit; ``commit_s`` the time from the save call to the durable commit.
+        """
+        if upload:
+            return {"checkpoint/upload_s": self.upload_s or 0.0, "checkpoint/upload_GBps": self.upload_gbps}
+        return {
+            "checkpoint/stall_s": self.blocking_s,
+            "checkpoint/write_s": self.write_s or 0.0,
+            "checkpoint/commit_s": self.durable_s or 0.0,
+            "checkpoint/bytes": float(self.nbytes),
+            "checkpoint/write_GBps": self.write_gbps,
+        }
+
+    def summary(self) -> str:
+        """One line for the log: what was saved and what it cost."""
+        line = (
+            f"Saved checkpoint {self.path} (step {self.step}): {self.nbytes / 1e9:.2f} GB;"
+            f" training blocked {self.blocking_s:.3f} s, write {self.write_s or 0.0:.2f} s"
+            f" ({self.write_gbps:.2f} GB/s), committed {self.durable_s or 0.0:.2f} s after the call"
+        )
+        if self.upload_s is not None:
+            line += f"; upload {self.upload_s:.2f} s ({self.upload_gbps:.2f} GB/s)"
+        return line

@@ -41,6 +41,7 @@ from datetime import timedelta
 from typing import Any
 
 from lightning_ckpt import _faults, layout
+from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, put_file, with_retries
 
@@ -68,6 +69,8 @@ class UploadJob:
         rank: this rank.
         pointer: the pointer file name to update after the commit (``None``: none).
         after_commit: work to run once committed remotely (rotation); committing rank only.
+        stats: the save's :class:`~lightning_ckpt.stats.SaveStats`, given this rank's upload time and bytes.
+        on_uploaded: called with ``stats`` and whether this rank committed, once this rank's part is done.
     """
 
     local_dir: str
@@ -80,6 +83,8 @@ class UploadJob:
     rank: int = 0
     pointer: str | None = None
     after_commit: Callable[[], None] | None = None
+    stats: SaveStats | None = None
+    on_uploaded: Callable[[SaveStats, bool], None] | None = None
 
 
 class Uploader:
@@ -172,6 +177,8 @@ class Uploader:
                 self._commit(job)
                 if job.after_commit is not None:
                     job.after_commit()
+            if job.stats is not None and job.on_uploaded is not None:
+                job.on_uploaded(job.stats, job.commit)
         except BaseException as err:
             err.add_note(
                 f"lightning_ckpt: while uploading checkpoint {job.name} to {self.storage.url(self.remote_folder)};"
@@ -199,8 +206,10 @@ class Uploader:
             future.result(timeout=self.upload_timeout_s)  # upload_timeout_in_seconds bounds each file
             _faults.reached("upload.during", job.rank)
         size = sum(os.path.getsize(os.path.join(job.local_dir, n)) for n in job.files)
-        log.info("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6,
-                 time.monotonic() - start)  # fmt: skip
+        elapsed = time.monotonic() - start
+        if job.stats is not None:
+            job.stats.upload_s, job.stats.upload_bytes = elapsed, size
+        log.debug("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6, elapsed)
 
     def _report(self, job: UploadJob, status: str) -> None:
         if job.store is not None:
@@ -234,4 +243,4 @@ class Uploader:
                          policy=self.policy)  # fmt: skip
         with self._lock:
             self.committed.append(job.name)
-        log.info("Committed checkpoint %s in %s", job.name, self.storage.url(self.remote_folder))
+        log.debug("Committed checkpoint %s in %s", job.name, self.storage.url(self.remote_folder))
