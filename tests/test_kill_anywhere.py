@@ -97,8 +97,8 @@ CASES = {
 def test_kill_then_resume_last_equals_uninterrupted_and_loses_nothing(
     case: Case, uninterrupted: dict[str, torch.Tensor], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    # A surviving rank gives up waiting for a killed one after 15 s (torchrun would SIGKILL it after 30 s).
-    args = ["--keep", str(case.keep), "--barrier-timeout", "15"]
+    # A surviving rank gives up waiting for a killed one after 10 s (torchrun would SIGKILL it after 30 s).
+    args = ["--keep", str(case.keep), "--barrier-timeout", "10"]
     if case.s3:
         bucket: S3Bucket = request.getfixturevalue("s3_bucket")
         folder = f"{bucket.url}/run"

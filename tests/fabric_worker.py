@@ -1,0 +1,82 @@
+"""One rank of a real multi-process Fabric DDP run (gloo on CPU), launched by torchrun in tests/test_fabric.py.
+
+Trains a few steps, ``fabric.save``s model, optimizer and plain state with ``ShardedCheckpointIO``,
+then loads it into fresh objects with ``fabric.load`` and checks that everything came back.
+Each rank writes its findings to ``<results>.rank<r>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+import torch
+from lightning.fabric import Fabric
+
+from lightning_ckpt import ShardedCheckpointIO
+
+
+def build(fabric: Fabric, seed: int) -> tuple[Any, Any]:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return fabric.setup(model, optimizer)
+
+
+def train(fabric: Fabric, model: Any, optimizer: Any, steps: int) -> None:
+    g = torch.Generator().manual_seed(100 + fabric.global_rank)
+    for _ in range(steps):
+        x = torch.randn(4, 8, generator=g)
+        loss = model(x).pow(2).mean()
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+
+
+def optimizer_tensors(optimizer: Any) -> dict[str, torch.Tensor]:
+    state = optimizer.state_dict()["state"]
+    return {f"{i}.{k}": v for i, entry in state.items() for k, v in entry.items() if isinstance(v, torch.Tensor)}
+
+
+def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--path", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--results", required=True, help="each rank writes <results>.rank<r>.json")
+    args = parser.parse_args()
+
+    io = ShardedCheckpointIO(barrier_timeout_s=60)
+    fabric = Fabric(accelerator="cpu", strategy="ddp", devices=args.devices, plugins=[io])
+    fabric.launch()
+    model, optimizer = build(fabric, seed=0)
+    train(fabric, model, optimizer, steps=3)  # DDP averages gradients: every rank holds the same weights
+    fabric.save(args.path, {"model": model, "optimizer": optimizer, "progress": {"step": 5}, "epoch": 2})
+
+    fresh_model, fresh_optimizer = build(fabric, seed=1)
+    state: dict[str, Any] = {"model": fresh_model, "optimizer": fresh_optimizer, "progress": {}, "epoch": 0}
+    remainder = fabric.load(args.path, state)
+
+    result = {
+        "rank": fabric.global_rank,
+        "world_size": fabric.world_size,
+        "io_is_ours": fabric.strategy.checkpoint_io is io,
+        "weights_equal": equal(model.state_dict(), fresh_model.state_dict()),
+        "optimizer_equal": equal(optimizer_tensors(optimizer), optimizer_tensors(fresh_optimizer))
+        and optimizer.state_dict()["param_groups"] == fresh_optimizer.state_dict()["param_groups"],
+        "progress": state["progress"],
+        "epoch": state["epoch"],
+        "remainder": sorted(remainder),
+        "pid": os.getpid(),
+    }
+    with open(f"{args.results}.rank{fabric.global_rank}.json", "w") as f:  # one file per rank: no interleaving
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
