@@ -40,6 +40,7 @@ from lightning_ckpt.checksum import checksum_string, crc32
 from lightning_ckpt.commit import commit_dir, read_pointer, stage_dir
 from lightning_ckpt.discovery import list_committed, resolve
 from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.manifest import FileEntry, Manifest
 from lightning_ckpt.policies import KeepLatest
 from lightning_ckpt.reader import load_checkpoint_dir, read_manifest, verify_files
@@ -579,7 +580,8 @@ def prune(folder: str, keep: int, storage_options: dict[str, Any] | None = None,
     """Delete all but the ``keep`` newest committed checkpoints of ``folder``; return the names (to be) deleted.
 
     The rules of ``CheckpointSaver(num_checkpoints_to_keep=keep)``: newest by step, and never the
-    newest checkpoint or the one ``latest`` points to. Each is deleted manifest first.
+    newest checkpoint or the one ``latest`` points to. Each is deleted manifest first. Deleting
+    takes the folder's lock (:mod:`lightning_ckpt.lock`), so it is refused while a run saves there.
 
     Example:
         >>> import tempfile, os, torch
@@ -596,7 +598,13 @@ def prune(folder: str, keep: int, storage_options: dict[str, Any] | None = None,
     records = scan_records(storage, root, layout.NameFormat(_ANY_NAME, argument="FOLDER"))
     latest = _latest_name(storage, root)
     protected = {latest} if latest else set()
-    return rotate(storage, root, records, KeepLatest(keep), protected=protected, delete=not dry_run)
+    if dry_run:
+        return rotate(storage, root, records, KeepLatest(keep), protected=protected, delete=False)
+    lock = FolderLock.acquire(storage, root, run_name="lightning-ckpt prune")  # refused while a run saves there
+    try:
+        return rotate(storage, root, records, KeepLatest(keep), protected=protected)
+    finally:
+        lock.release()
 
 
 def cmd_prune(args: argparse.Namespace, options: dict[str, Any]) -> int:

@@ -23,6 +23,7 @@ from lightning_ckpt.collective import collective_save
 from lightning_ckpt.commit import update_latest
 from lightning_ckpt.demo import TinyRegressor, build_trainer
 from lightning_ckpt.dist import Exchange
+from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.storage import Storage
 
 from .conftest import ROOT
@@ -173,6 +174,14 @@ def test_prune_keeps_the_newest_and_the_latest(folder: Path, capsys: pytest.Capt
     code, out, _ = run(capsys, "prune", folder, "--keep", "1", "--dry-run")
     assert code == 0 and out.splitlines() == ["would delete ep0-ba4", "would delete ep1-ba12"]
     assert all((folder / n / "manifest.json").is_file() for n in NAMES), "a dry run deletes nothing"
+    live_run = FolderLock.acquire(storage, root, run_name="live")  # a run is saving into the folder
+    try:
+        code, _, err = run(capsys, "prune", folder, "--keep", "1")
+    finally:
+        live_run.release()
+    assert code == 1 and "is in use by run 'live'" in err
+    assert_one_line_error(err)
+    assert all((folder / n / "manifest.json").is_file() for n in NAMES), "refused: nothing deleted"
     code, out, _ = run(capsys, "prune", folder, "--keep", "1")
     assert code == 0 and out.splitlines() == ["deleted ep0-ba4", "deleted ep1-ba12"]
     assert sorted(n for n in os.listdir(folder) if not n.startswith(".")) == [
