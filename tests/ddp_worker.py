@@ -185,7 +185,9 @@ def main() -> int:
     try:
         trainer.fit(model, ckpt_path=args.ckpt_path or ("last" if args.resume else None))
     except Exception as err:
-        print(f"FAILED rank={trainer.global_rank} at={time.time():.3f}: {err}", file=sys.stderr, flush=True)
+        # One write of the whole line: ranks share stderr, and print() writes the newline separately.
+        sys.stderr.write(f"FAILED rank={trainer.global_rank} at={time.time():.3f}: {err}\n")
+        sys.stderr.flush()
         raise
     if args.save_weights and trainer.global_rank == 0:  # with ddp_spawn: the main process, weights sent back
         torch.save(state_of(model), args.save_weights)
