@@ -2,7 +2,7 @@
 
 import sys
 
-from lightning_ckpt.cli import main
+from lightning_ckpt.cli.app import main
 
 if __name__ == "__main__":
     sys.exit(main())

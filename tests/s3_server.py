@@ -440,10 +440,10 @@ class S3Bucket(NamedTuple):
     storage_options: dict[str, Any]
 
 
-def _create_bucket(endpoint_url: str) -> str:
+def _create_bucket(endpoint_url: str, name: str | None = None) -> str:
     import boto3
 
-    name = f"test-bucket-{uuid.uuid4().hex[:12]}"
+    name = name or f"test-bucket-{uuid.uuid4().hex[:12]}"
     client = boto3.client(
         "s3",
         endpoint_url=endpoint_url,

@@ -9,15 +9,18 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import fsspec
 import lightning as L
 import pytest
 import torch
 from torch.distributed import HashStore
 
-from lightning_ckpt import CheckpointSaver, read_checkpoint
+from lightning_ckpt import CheckpointSaver, latest, read_checkpoint
 from lightning_ckpt.cli import main
 from lightning_ckpt.collective import collective_save
 from lightning_ckpt.commit import update_latest
@@ -27,7 +30,7 @@ from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.storage import Storage
 
 from .conftest import ROOT
-from .s3_server import S3Bucket
+from .s3_server import REGION, S3Bucket, S3Server, storage_options
 
 NAMES = ["ep0-ba4", "ep0-ba8", "ep1-ba12", "ep1-ba16"]
 SHARD = "shard-00000-of-00001.safetensors"
@@ -221,6 +224,115 @@ def test_cp_to_and_from_s3_verifies_and_refuses_a_corrupt_source(
     assert not fs.exists(f"{s3_bucket.url}/run/bad/manifest.json"), "nothing committed at DST"
     code, _, err = run(capsys, *options, "cp", folder / "ep1-ba12", tmp_path / "local-bad")
     assert code == 1 and not (tmp_path / "local-bad").exists() and os.listdir(tmp_path) != []
+
+
+@pytest.fixture
+def other_s3(s3_bucket: S3Bucket) -> Iterator[S3Bucket]:
+    """A bucket on a second moto server: another endpoint, reached with other credentials (another account)."""
+    server = S3Server()
+    try:
+        options = {**storage_options(server.endpoint_url), "key": "other-account-key", "secret": "other-account-secret"}
+        name = f"other-bucket-{uuid.uuid4().hex[:12]}"
+        client = boto3.client("s3", endpoint_url=server.endpoint_url, region_name=REGION,
+                              aws_access_key_id=options["key"], aws_secret_access_key=options["secret"])  # fmt: skip
+        client.create_bucket(Bucket=name)
+        client.close()
+        yield S3Bucket(f"s3://{name}", options)
+    finally:
+        server.stop()
+
+
+def pointer_names(out: str) -> list[str]:
+    """The names ``ls`` marks ``<- latest``."""
+    return [line.split()[0] for line in out.splitlines() if line.endswith("<- latest")]
+
+
+def test_cp_between_two_s3_endpoints_with_src_and_dst_storage_options(
+    folder: Path, s3_bucket: S3Bucket, other_s3: S3Bucket, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src_options, dst_options = json.dumps(s3_bucket.storage_options), json.dumps(other_s3.storage_options)
+    first = f"{s3_bucket.url}/run/ep1-ba16"
+    code, out, err = run(capsys, "cp", folder / "ep1-ba16", first, "--dst-storage-options", src_options)
+    assert code == 0 and out.strip() == f"copied to {first}", err
+
+    mirror = f"{other_s3.url}/mirror/ep1-ba16"
+    code, out, err = run(capsys, "cp", first, f"{other_s3.url}/mirror/",
+                         "--src-storage-options", src_options, "--dst-storage-options", dst_options)  # fmt: skip
+    assert code == 0 and out.strip() == f"copied to {mirror}", err
+    fs_src = fsspec.filesystem("s3", **s3_bucket.storage_options)
+    fs_dst = fsspec.filesystem("s3", **other_s3.storage_options)
+    for name in ("objects.pt", SHARD):
+        assert fs_dst.cat_file(f"{mirror}/{name}") == (folder / "ep1-ba16" / name).read_bytes(), name
+    manifest = json.loads(fs_dst.cat_file(f"{mirror}/manifest.json"))
+    assert manifest == json.loads((folder / "ep1-ba16" / "manifest.json").read_bytes())
+    assert not fs_src.exists(other_s3.url) and not fs_dst.exists(s3_bucket.url), "each end stayed on its own server"
+    code, out, err = run(capsys, "verify", mirror, "--storage-options", dst_options)
+    assert code == 0 and "verified" in out, err
+
+    # --storage-options is used for the end that has no option of its own
+    again = f"{other_s3.url}/mirror/again"
+    code, out, err = run(
+        capsys, "--storage-options", src_options, "cp", first, again, "--dst-storage-options", dst_options
+    )
+    assert code == 0 and out.strip() == f"copied to {again}", err
+    copied = read_checkpoint(again, weights_only=False, storage_options=other_s3.storage_options)
+    assert copied["global_step"] == 16 and not fs_src.exists(other_s3.url)
+
+
+def test_cp_set_latest_moves_the_pointers_and_without_it_they_stay(
+    folder: Path, tmp_path: Path, s3_bucket: S3Bucket, capsys: pytest.CaptureFixture[str]
+) -> None:
+    options = ["--storage-options", json.dumps(s3_bucket.storage_options)]
+    fs = fsspec.filesystem("s3", **s3_bucket.storage_options)
+    remote = f"{s3_bucket.url}/run"
+    code, _, err = run(capsys, *options, "cp", folder / "ep1-ba16", f"{remote}/")
+    assert code == 0, err
+    assert not fs.exists(f"{remote}/latest.symlink"), "without --set-latest no pointer is written"
+
+    code, out, err = run(capsys, *options, "cp", folder / "ep0-ba8", f"{remote}/", "--set-latest")
+    assert code == 0 and out.strip() == f"copied to {remote}/ep0-ba8", err
+    assert fs.cat_file(f"{remote}/latest.symlink") == b"ep0-ba8"
+    code, out, _ = run(capsys, *options, "ls", remote)
+    assert code == 0 and pointer_names(out) == ["ep0-ba8"]
+    code, out, _ = run(capsys, *options, "inspect", f"{remote}/latest", "--json")  # resolves the pointer
+    assert code == 0 and (json.loads(out)["name"], json.loads(out)["global_step"]) == ("ep0-ba8", 8)
+    code, _, err = run(capsys, *options, "cp", folder / "ep1-ba12", f"{remote}/")
+    assert code == 0 and fs.cat_file(f"{remote}/latest.symlink") == b"ep0-ba8", "no flag: the pointer stays"
+
+    # locally both the pointer file and the symlink move, in a folder whose latest was ep1-ba16
+    assert os.readlink(folder / "latest") == "ep1-ba16"
+    code, out, err = run(capsys, *options, "cp", f"{remote}/ep0-ba8", folder / "restored-ba8", "--set-latest")
+    assert code == 0 and out.strip() == f"copied to {folder / 'restored-ba8'}", err
+    assert os.readlink(folder / "latest") == "restored-ba8"
+    assert (folder / "latest.symlink").read_bytes() == b"restored-ba8"
+    code, out, _ = run(capsys, "ls", folder)
+    assert code == 0 and pointer_names(out) == ["restored-ba8"]
+    assert read_checkpoint(str(folder / "latest"), weights_only=False)["global_step"] == 8
+
+    fresh = tmp_path / "fresh"
+    code, _, err = run(capsys, "cp", folder / "ep0-ba4", f"{fresh}/", "--set-latest")
+    assert code == 0, err
+    assert latest(fresh) == str(fresh / "ep0-ba4") and os.readlink(fresh / "latest") == "ep0-ba4"
+    assert (fresh / "latest.symlink").read_bytes() == b"ep0-ba4"
+
+
+def test_cp_storage_option_errors_name_the_option_and_hide_values(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dst = tmp_path / "copy"
+    code, out, err = run(capsys, "cp", folder / "ep1-ba16", dst, "--dst-storage-options", '{"key": "AKIA-hunter2",')
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert "--dst-storage-options is not valid JSON" in err and "hunter2" not in err
+    code, _, err = run(capsys, "cp", folder / "ep1-ba16", dst, "--src-storage-options", '["hunter2"]')
+    assert code == 2 and "--src-storage-options must be a JSON object, got a JSON list" in err and "hunter2" not in err
+    assert_one_line_error(err)
+    secret = json.dumps({"secret": "hunter2-very-secret", "colour": "blue"})
+    code, _, err = run(capsys, "cp", folder / "ep1-ba16", "s3://bucket/run/x", "--dst-storage-options", secret)
+    assert code == 2 and "--dst-storage-options='<hidden>' is not valid" in err and "'colour' is not an option" in err
+    assert "hunter2" not in err
+    assert_one_line_error(err)
+    assert sorted(os.listdir(tmp_path)) == ["ckpts"], "nothing copied"
 
 
 def test_errors_are_one_line_with_exit_codes(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
