@@ -371,3 +371,50 @@ def test_the_installed_console_script_runs(trained: Path) -> None:
     bad = subprocess.run([script, "verify", str(trained / "no-such")], capture_output=True, text=True, timeout=120,
                          check=False)  # fmt: skip
     assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def _stderr_of(argv: list[str], *, terminal: bool) -> str:
+    """Run the installed script with stderr on a pseudo-terminal (``terminal``) or a pipe; return stderr."""
+    script = shutil.which("lightning-ckpt") or sys.exit("lightning-ckpt is not installed")
+    if not terminal:
+        done = subprocess.run([script, *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal has a size
+    process = subprocess.Popen([script, *argv], stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert process.wait(timeout=120) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_show_on_a_terminal_and_stay_quiet_in_pipes(trained: Path, tmp_path: Path) -> None:
+    ckpt = str(trained / "ep1-ba16")
+    from tqdm import tqdm
+
+    manifest = json.loads((trained / "ep1-ba16" / "manifest.json").read_text())
+    total = tqdm.format_sizeof(sum(f["size"] for f in manifest["files"]), divisor=1024)  # e.g. "15.0k"
+    for command, desc, done in (
+        (["verify", ckpt], "verify", f"{total}/{total}"),
+        (["cp", ckpt, str(tmp_path / "copies") + "/"], "copy", f"{total}/{total}"),
+        (["consolidate", ckpt, str(tmp_path / "model.ckpt")], "write", "B/s"),
+    ):
+        shown = _stderr_of(command, terminal=True)
+        assert f"{desc}: 100%" in shown and done in shown, shown
+        (tmp_path / "model.ckpt").unlink(missing_ok=True)
+        shutil.rmtree(tmp_path / "copies", ignore_errors=True)
+        assert _stderr_of(command, terminal=False) == ""

@@ -47,6 +47,8 @@ def _save_atomic(obj: Any, out: str, total: int) -> None:
     try:
         with os.fdopen(fd, "wb") as f, progress(total, "write") as bar:
             torch.save(obj, cast(IO[bytes], _CountingWriter(f, bar.update)))
+            bar.total = bar.n  # ``total`` was an estimate (the checkpoint's size): end the bar at 100 %
+            bar.refresh()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
