@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -159,6 +160,19 @@ class CheckpointSaver(Checkpoint):
             what Kubernetes and SLURM send); ``None`` leaves signals to Lightning. On one, the saver
             saves at the next step boundary, waits for the commit and uploads, and ends the process
             cleanly (see :mod:`lightning_ckpt.preemption`).
+
+    Example:
+        >>> import tempfile, lightning as L
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> from lightning_ckpt import CheckpointSaver
+        >>> saver = CheckpointSaver(tempfile.mkdtemp(), save_interval="2ba", num_checkpoints_to_keep=2, run_name="demo")
+        >>> L.Trainer(max_steps=6, callbacks=[saver], logger=False, enable_progress_bar=False).fit(BoringModel())
+        >>> saver.saved_checkpoints  # ep0-ba2 was rotated away
+        ['ep0-ba4', 'ep0-ba6']
+        >>> restarted = L.Trainer(max_steps=8, callbacks=[saver], logger=False, enable_progress_bar=False)
+        >>> restarted.fit(BoringModel(), ckpt_path="last")  # continues from ep0-ba6
+        >>> saver.saved_checkpoints
+        ['ep0-ba6', 'ep0-ba8']
     """
 
     def __init__(
@@ -290,6 +304,12 @@ class CheckpointSaver(Checkpoint):
         self._preemption = PreemptionWatch(self.preemption_signals)
         _lightning.install_last_resolver()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a ``ddp_spawn`` worker: the weak reference to the trainer stays behind."""
+        state = self.__dict__.copy()
+        state.pop("_io_trainer", None)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickled in a ``ddp_spawn`` worker: a fresh interpreter needs the ``"last"`` hook too."""
         self.__dict__.update(state)
@@ -298,13 +318,29 @@ class CheckpointSaver(Checkpoint):
     @property
     @override
     def state_key(self) -> str:
-        """Distinct per folder and filename, so several savers in one trainer keep separate state."""
+        """Distinct per folder and filename, so several savers in one trainer keep separate state.
+
+        Example:
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> CheckpointSaver("/data/runs/a", filename="step{batch}", run_name="demo").state_key
+            "CheckpointSaver{'folder': '/data/runs/a', 'filename': 'step{batch}'}"
+        """
         folder = self.folder.pattern if self.folder else None
         return self._generate_state_key(folder=folder, filename=self.filename.pattern)
 
     # -- where -----------------------------------------------------------------------------------
     def folder_path(self, trainer: Trainer) -> str:
-        """This rank's checkpoint folder, with every variable filled in."""
+        """This rank's checkpoint folder, with every variable filled in.
+
+        Example:
+            >>> import lightning as L
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> trainer = L.Trainer(default_root_dir="/data/exp", logger=False, enable_progress_bar=False)
+            >>> CheckpointSaver("/data/{run_name}/rank{rank}", run_name="demo").folder_path(trainer)
+            '/data/demo/rank0'
+            >>> CheckpointSaver(run_name="demo").folder_path(trainer)  # the default folder
+            '/data/exp/checkpoints/demo'
+        """
         if self.folder is None:
             return os.path.join(trainer.default_root_dir, "checkpoints", self.run_name)
         return self.folder.render(run_name=self.run_name, rank=_lightning.rank_info(trainer))
@@ -313,7 +349,21 @@ class CheckpointSaver(Checkpoint):
         return Storage.open(self.folder_path(trainer), self.storage_options)
 
     def newest_committed(self, trainer: Trainer) -> tuple[str, float] | None:
-        """``(path, commit time)`` of the newest committed checkpoint of this saver, or ``None``."""
+        """``(path, commit time)`` of the newest committed checkpoint of this saver, or ``None``.
+
+        This is what ``ckpt_path="last"`` resumes from (checkpoints that do not verify are skipped then).
+
+        Example:
+            >>> import os, tempfile, lightning as L
+            >>> from lightning.pytorch.demos.boring_classes import BoringModel
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> saver = CheckpointSaver(tempfile.mkdtemp(), save_interval="1ba", run_name="demo")
+            >>> trainer = L.Trainer(max_steps=2, callbacks=[saver], logger=False, enable_progress_bar=False)
+            >>> trainer.fit(BoringModel())
+            >>> path, committed_at = saver.newest_committed(trainer)
+            >>> os.path.basename(path)
+            'ep0-ba2'
+        """
         storage, folder = self._storage(trainer)
         if storage.isfile(folder):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
@@ -362,7 +412,18 @@ class CheckpointSaver(Checkpoint):
 
     @property
     def best_model_path(self) -> str:
-        """Path of the best checkpoint by ``monitor`` (``""`` without one), for ``ckpt_path="best"``."""
+        """Path of the best checkpoint by ``monitor`` (``""`` without one), for ``ckpt_path="best"``.
+
+        Example:
+            >>> import os, tempfile
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> from lightning_ckpt.demo import TinyRegressor, build_trainer  # it logs "train_loss"
+            >>> saver = CheckpointSaver(tempfile.mkdtemp(), save_interval="1ba", monitor="train_loss", run_name="demo")
+            >>> trainer = build_trainer(tempfile.mkdtemp(), max_steps=3, callbacks=[saver])
+            >>> trainer.fit(TinyRegressor())
+            >>> os.path.basename(saver.best_model_path) in saver.saved_checkpoints
+            True
+        """
         scored = [r for r in self._records if r.metric is not None]
         if not scored or self._folder is None:
             return self._best_from_workers
@@ -378,7 +439,7 @@ class CheckpointSaver(Checkpoint):
     _cadence = AgreementCadence(None)
     _agree_in_setup: bool = False
     _leftovers_done: bool = False
-    _io_trainer: int = 0
+    _io_trainer: weakref.ref[Trainer] | None = None  # the trainer ``_io`` belongs to (ids get reused)
     _best_from_workers: str = ""
     _foreign: frozenset[str] | set[str] = frozenset()
     _preemption_cadence = AgreementCadence(PREEMPTION_CHECK_S)
@@ -386,6 +447,9 @@ class CheckpointSaver(Checkpoint):
     # -- Lightning hooks -------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Check the folder (a file, or a read-only folder, fails here, before training), choose the plugin,
+        take the folder lock for a fit, upload checkpoints an earlier run committed only locally, and let the
+        ranks agree on ``ckpt_path="last"``."""
         storage, folder = self._storage(trainer)
         if storage.isfile(folder):
             raise ConfigError("folder", self.folder_path(trainer), "a directory path", "it is an existing file")
@@ -403,6 +467,8 @@ class CheckpointSaver(Checkpoint):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remove what interrupted saves left, adopt the resumed run's id and checkpoints (for rotation),
+        refuse a folder with newer checkpoints unless ``overwrite``, and start the schedule's clock."""
         storage, folder = self._storage(trainer)
         if self.lock_folder:  # this run owns the folder: nothing else is saving there
             self._remove_leftovers(trainer, storage, folder)
@@ -485,7 +551,7 @@ class CheckpointSaver(Checkpoint):
 
     def _plugin(self, trainer: Trainer) -> ShardedCheckpointIO:
         """The plugin this saver writes through for ``trainer``, with this saver's remote settings (made once)."""
-        if self._io is None or self._io_trainer != id(trainer):
+        if self._io is None or self._io_trainer is None or self._io_trainer() is not trainer:
             io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
             if not self._storage(trainer)[0].is_local:
                 io.storage_options = {**io.storage_options, **self.storage_options}
@@ -493,7 +559,7 @@ class CheckpointSaver(Checkpoint):
                     io.num_concurrent_uploads = int(self.num_concurrent_uploads)
                 if self.upload_timeout_in_seconds is not None:
                     io.upload_timeout_s = float(self.upload_timeout_in_seconds)
-            self._io, self._io_trainer = io, id(trainer)
+            self._io, self._io_trainer = io, weakref.ref(trainer)
         return self._io
 
     def _upload_leftovers(self, trainer: Trainer, storage: Storage, folder: str) -> None:
@@ -525,10 +591,12 @@ class CheckpointSaver(Checkpoint):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Install the preemption signal handlers (replacing Lightning's until the fit ends)."""
         self._preemption.install()  # after Lightning registered its own handlers, which these replace until fit ends
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Restore the signal handlers; wait for the save in flight and the uploads, and log their metrics."""
         self._preemption.uninstall()
         if self._io is not None:  # before Lightning finalizes the loggers: the last saves' metrics get in
             self._io.wait_for_save()
@@ -537,24 +605,29 @@ class CheckpointSaver(Checkpoint):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Restore the signal handlers and release the folder lock."""
         self._preemption.uninstall()
         self._release_folder()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Restore the signal handlers and release the folder lock."""
         self._preemption.uninstall()
         self._release_folder()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        """Save if the schedule says a checkpoint is due (or a preemption signal came); log finished saves."""
         self._maybe_save(trainer, Event.BATCH_END)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Save if the schedule says a checkpoint is due at the end of this epoch."""
         self._maybe_save(trainer, Event.EPOCH_END)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Wait for the save in flight and the uploads, log their metrics and flush the loggers."""
         if self._io is not None:
             self._io.wait_for_save()
             self._io.wait_for_uploads()
@@ -576,6 +649,7 @@ class CheckpointSaver(Checkpoint):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: the checkpoints this saver keeps (to rotate), the last saved step, the run id."""
         return {
             "saved": [r.__dict__.copy() for r in self._records],
             "last_saved_step": self._last_saved_step,
@@ -584,6 +658,7 @@ class CheckpointSaver(Checkpoint):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, from the checkpoint a run resumes from."""
         self._records = [CheckpointRecord(**r) for r in state_dict.get("saved", [])]
         self._last_saved_step = state_dict.get("last_saved_step")
         self._run_id = state_dict.get("run_id")
@@ -649,7 +724,22 @@ class CheckpointSaver(Checkpoint):
         raise _lightning.preemption_exit()
 
     def save(self, trainer: Trainer) -> str:
-        """Save a checkpoint now, move ``latest``, and rotate; returns the committed path."""
+        """Save a checkpoint now, move ``latest``, and rotate; returns the committed path.
+
+        The schedule calls it; call it yourself (on every rank, during ``fit``) for an extra checkpoint.
+
+        Example:
+            >>> import os, tempfile, lightning as L
+            >>> from lightning.pytorch.demos.boring_classes import BoringModel
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> saver = CheckpointSaver(tempfile.mkdtemp(), save_interval="1ep", run_name="demo")
+            >>> class Model(BoringModel):
+            ...     def on_train_batch_end(self, outputs, batch, batch_idx):
+            ...         if self.global_step == 2:
+            ...             print("saved", os.path.basename(saver.save(self.trainer)))
+            >>> L.Trainer(max_steps=3, callbacks=[saver], logger=False, enable_progress_bar=False).fit(Model())
+            saved ep0-ba2
+        """
         storage, folder = self._storage(trainer)
         progress = _lightning.progress(trainer)
         name = self.filename.render(run_name=self.run_name, rank=_lightning.rank_info(trainer), progress=progress)
@@ -685,7 +775,18 @@ class CheckpointSaver(Checkpoint):
 
     @property
     def saved_checkpoints(self) -> list[str]:
-        """Names of the checkpoints this saver currently keeps, oldest first."""
+        """Names of the checkpoints this saver currently keeps, oldest first.
+
+        Example:
+            >>> import tempfile, lightning as L
+            >>> from lightning.pytorch.demos.boring_classes import BoringModel
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> saver = CheckpointSaver(tempfile.mkdtemp(), save_interval="1ba", num_checkpoints_to_keep=2,
+            ...                         keep_every_n_steps=2, run_name="demo")
+            >>> L.Trainer(max_steps=5, callbacks=[saver], logger=False, enable_progress_bar=False).fit(BoringModel())
+            >>> saver.saved_checkpoints  # the newest two, and every 2nd step
+            ['ep0-ba2', 'ep0-ba4', 'ep0-ba5']
+        """
         return [r.name for r in self._records]
 
     def __repr__(self) -> str:

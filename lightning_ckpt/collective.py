@@ -108,11 +108,38 @@ class WriterHook(abc.ABC):
 
     @abc.abstractmethod
     def pre_commit(self, path: str, **kwargs: Any) -> None:
-        """Called on every rank once its files are durable, before the barrier."""
+        """Called on every rank once its files are durable, before the barrier; raise to fail the save.
+
+        ``kwargs`` holds ``rank``, this process's global rank.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> from lightning_ckpt import ShardedCheckpointIO, WriterHook
+            >>> class QuotaCheck(WriterHook):
+            ...     def pre_commit(self, path, **kwargs): raise RuntimeError("over quota")
+            ...     def post_commit(self, path, **kwargs): pass
+            >>> path = os.path.join(tempfile.mkdtemp(), "ep0-ba8")
+            >>> try:
+            ...     ShardedCheckpointIO(writer_hooks=[QuotaCheck()]).save_collective({"w": torch.ones(2)}, path)
+            ... except RuntimeError as err:
+            ...     print(err, "| committed:", os.path.exists(os.path.join(path, "manifest.json")))
+            over quota | committed: False
+        """
 
     @abc.abstractmethod
     def post_commit(self, path: str, **kwargs: Any) -> None:
-        """Called on each group leader after the checkpoint is committed."""
+        """Called on each group leader after the checkpoint is committed (``kwargs`` holds ``rank``).
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> from lightning_ckpt import ShardedCheckpointIO, WriterHook
+            >>> class Announce(WriterHook):
+            ...     def pre_commit(self, path, **kwargs): pass
+            ...     def post_commit(self, path, **kwargs): print("rank", kwargs["rank"], "committed", path[-7:])
+            >>> io = ShardedCheckpointIO(writer_hooks=[Announce()])
+            >>> _ = io.save_collective({"w": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "ep0-ba8"))
+            rank 0 committed ep0-ba8
+        """
 
 
 def discover_peers(exchange: Exchange, storage: Storage, folder: str) -> list[int]:

@@ -64,6 +64,13 @@ class CollectiveError(CheckpointError):
         phase: the step of the protocol that failed (e.g. ``"written"``).
         failed: ``{rank: error message}`` of ranks that reported an error.
         missing: ranks that did not arrive within the timeout.
+
+    Example:
+        >>> err = CollectiveError("written", {1: "OSError: disk full"}, missing=[3], timeout_s=600)
+        >>> print(err)
+        checkpoint written failed on rank(s) [1, 3]: rank 1: OSError: disk full; rank(s) 3 did not arrive within 600 s
+        >>> err.failed, err.missing
+        ({1: 'OSError: disk full'}, [3])
     """
 
     def __init__(self, phase: str, failed: dict[int, str], missing: list[int], timeout_s: float) -> None:
@@ -75,7 +82,12 @@ class CollectiveError(CheckpointError):
 
     @property
     def ranks(self) -> list[int]:
-        """Every rank that failed or went missing."""
+        """Every rank that failed or went missing, sorted.
+
+        Example:
+            >>> CollectiveError("committed", {2: "OSError: quota"}, missing=[0], timeout_s=60).ranks
+            [0, 2]
+        """
         return sorted({*self.failed, *self.missing})
 
 

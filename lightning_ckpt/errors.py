@@ -25,7 +25,17 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """Base class of every error this package raises about checkpoints on storage."""
+    """Base class of every error this package raises about checkpoints on storage.
+
+    Example:
+        >>> import os, tempfile
+        >>> from lightning_ckpt import CheckpointError, read_checkpoint
+        >>> try:
+        ...     read_checkpoint(os.path.join(tempfile.mkdtemp(), "ep0-ba100"))
+        ... except CheckpointError as err:  # missing, corrupt, folder in use, a rank failed, ...
+        ...     print(type(err).__name__)
+        CheckpointNotFoundError
+    """
 
 
 class ConfigError(ValueError):
@@ -36,6 +46,14 @@ class ConfigError(ValueError):
         value: the value that was given.
         example: an example of a valid value.
         reason: optional extra explanation.
+
+    Example:
+        >>> from lightning_ckpt import CheckpointSaver, ConfigError
+        >>> try:
+        ...     CheckpointSaver(save_interval="3 parsecs", run_name="demo")
+        ... except ConfigError as err:  # also a ValueError
+        ...     print(err.argument, "|", err.reason)
+        save_interval | Unknown unit 'parsecs'; the units are ep, ba, s, sec, min, h, d
     """
 
     def __init__(self, argument: str, value: object, example: str, reason: str = "") -> None:
@@ -57,19 +75,75 @@ class ConfigTypeError(ConfigError, TypeError):
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """No committed checkpoint exists at the given path."""
+    """No committed checkpoint exists at the given path (it is also a ``FileNotFoundError``).
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_ckpt import ShardedCheckpointIO
+        >>> try:
+        ...     ShardedCheckpointIO().load_checkpoint(tempfile.mkdtemp())  # an empty folder
+        ... except FileNotFoundError as err:
+        ...     print(type(err).__name__, "|", str(err).split(": ")[-1])
+        CheckpointNotFoundError | the folder holds no committed checkpoint
+    """
 
 
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint on storage does not match its manifest (or has no valid manifest).
 
     The message names the file and what was expected versus found.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from lightning_ckpt import CorruptCheckpointError, ShardedCheckpointIO, read_checkpoint
+        >>> path = os.path.join(tempfile.mkdtemp(), "ep0-ba1")
+        >>> ShardedCheckpointIO().save_checkpoint({"w": torch.ones(4)}, path)
+        >>> shard = os.path.join(path, "shard-00000-of-00001.safetensors")
+        >>> os.truncate(shard, 1)  # a damaged shard
+        >>> try:
+        ...     read_checkpoint(path)
+        ... except CorruptCheckpointError as err:
+        ...     print(str(err).split(" has ")[1])
+        1 bytes, expected 4112 (truncated or damaged)
     """
 
 
 class FolderConflictError(CheckpointError):
-    """A checkpoint folder already holds checkpoints this run would overwrite."""
+    """A checkpoint folder already holds checkpoints this run would overwrite.
+
+    Raised before training starts, unless ``CheckpointSaver(overwrite=True)``.
+
+    Example:
+        >>> import tempfile, lightning as L
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> from lightning_ckpt import CheckpointSaver, FolderConflictError
+        >>> folder = tempfile.mkdtemp()
+        >>> def fit():  # a run from scratch: 2 steps, a checkpoint at each
+        ...     saver = CheckpointSaver(folder, save_interval="1ba", run_name="demo")
+        ...     L.Trainer(max_steps=2, callbacks=[saver], logger=False, enable_progress_bar=False).fit(BoringModel())
+        >>> fit()
+        >>> try:
+        ...     fit()  # the same folder again, without ckpt_path="last"
+        ... except FolderConflictError as err:
+        ...     print(str(err).split("(")[1].split(")")[0])
+        ep0-ba1, ep0-ba2
+    """
 
 
 class FolderInUseError(FolderConflictError):
-    """Another live run holds the checkpoint folder (see :mod:`lightning_ckpt.lock`)."""
+    """Another live run holds the checkpoint folder (see :mod:`lightning_ckpt.lock`).
+
+    Example:
+        >>> import tempfile
+        >>> from lightning_ckpt import FolderInUseError
+        >>> from lightning_ckpt.lock import FolderLock
+        >>> from lightning_ckpt.storage import Storage
+        >>> storage, folder = Storage.open(tempfile.mkdtemp())
+        >>> first_run = FolderLock.acquire(storage, folder, run_name="first")
+        >>> try:
+        ...     FolderLock.acquire(storage, folder, run_name="second")
+        ... except FolderInUseError as err:
+        ...     print("in use by run 'first'" in str(err))
+        True
+        >>> first_run.release()
+    """

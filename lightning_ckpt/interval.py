@@ -105,14 +105,38 @@ class SaveSchedule(abc.ABC):
     only about that often (see :class:`AgreementCadence`); ``None``: agree at every save point."""
 
     def start(self, now: float) -> None:  # noqa: B027 (optional hook)
-        """Called once at fit start with the current :func:`time.monotonic` reading."""
+        """Called once at fit start with the current :func:`time.monotonic` reading.
+
+        Example:
+            >>> schedule = parse_save_interval("30min")
+            >>> schedule.start(now=100.0)  # the clock starts at fit start, not at construction
+            >>> schedule.is_due(SavePoint(Event.BATCH_END, epoch=0, batch=50), now=100.0 + 1800)
+            True
+        """
 
     @abc.abstractmethod
     def is_due(self, point: SavePoint, trainer: object = None, now: float | None = None) -> bool:
-        """Whether a checkpoint should be saved at ``point``."""
+        """Whether a checkpoint should be saved at ``point``.
+
+        ``trainer`` is the running trainer (used by callables); ``now`` a :func:`time.monotonic` reading.
+
+        Example:
+            >>> schedule = parse_save_interval("2ep")
+            >>> [schedule.is_due(SavePoint(Event.EPOCH_END, epoch=e, batch=10 * (e + 1))) for e in range(4)]
+            [False, True, False, True]
+        """
 
     def mark_saved(self, point: SavePoint, now: float) -> None:  # noqa: B027 (optional hook)
-        """Called after a checkpoint was saved at ``point``."""
+        """Called after a checkpoint was saved at ``point``.
+
+        Example:
+            >>> schedule, point = parse_save_interval("5ba"), SavePoint(Event.BATCH_END, epoch=0, batch=10)
+            >>> schedule.is_due(point)
+            True
+            >>> schedule.mark_saved(point, now=0.0)  # with gradient accumulation, step 10 comes again
+            >>> schedule.is_due(point)
+            False
+        """
 
 
 def _positive_int(argument: str, value: object, example: str) -> int:

@@ -177,7 +177,17 @@ class ShardedCheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` as a one-shard checkpoint directory at ``path`` (atomic locally).
 
-        With ``async_save=True`` this returns once the tensors are staged; see :meth:`wait_for_save`.
+        Lightning calls it on global rank 0 only (``ModelCheckpoint``, ``trainer.save_checkpoint``);
+        Fabric and scripts call it directly. With ``async_save=True`` this returns once the tensors are
+        staged; see :meth:`wait_for_save`.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> io = ShardedCheckpointIO()
+            >>> path = os.path.join(tempfile.mkdtemp(), "epoch=0-step=10.ckpt")  # a directory, despite .ckpt
+            >>> io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 10}, path)
+            >>> sorted(os.listdir(path))
+            ['manifest.json', 'objects.pt', 'shard-00000-of-00001.safetensors']
         """
         options = self._options(storage_options)
         target = os.fspath(path)
@@ -209,6 +219,14 @@ class ShardedCheckpointIO(CheckpointIO):
         directory for that remote folder) and uploaded in the background. ``after_commit`` runs on
         the committing rank once the checkpoint is committed where it is kept (in the store for a
         remote ``path``): the place for rotation. ``async_save`` overrides the plugin's setting.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> folder = tempfile.mkdtemp()
+            >>> result = ShardedCheckpointIO().save_collective(
+            ...     {"w": torch.ones(2), "global_step": 3}, os.path.join(folder, "ba3"), latest_filename="latest")
+            >>> result.leader, result.group, os.readlink(os.path.join(folder, "latest"))
+            (True, (0,), 'ba3')
         """
         asynchronous = self.async_save if async_save is None else async_save
         remote_storage, remote_target = Storage.open(os.fspath(path), self.storage_options)
@@ -350,13 +368,32 @@ class ShardedCheckpointIO(CheckpointIO):
 
     @property
     def has_finished_saves(self) -> bool:
-        """Whether :meth:`finished_saves` has something to return (one deque test: cheap at every step)."""
+        """Whether :meth:`finished_saves` has something to return (one deque test: cheap at every step).
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> io = ShardedCheckpointIO()
+            >>> io.has_finished_saves
+            False
+            >>> io.save_checkpoint({"w": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "ba1"))
+            >>> io.has_finished_saves
+            True
+        """
         return bool(self._events)
 
     def finished_saves(self) -> list[tuple[str, SaveStats]]:
         """Saves and uploads that finished since the last call: ``("write" | "upload", stats)``, oldest first.
 
         :class:`~lightning_ckpt.CheckpointSaver` turns them into logger metrics on the training thread.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> io = ShardedCheckpointIO()
+            >>> io.save_checkpoint({"w": torch.ones(2), "global_step": 5}, os.path.join(tempfile.mkdtemp(), "ba5"))
+            >>> [(kind, stats.step, stats.nbytes > 0) for kind, stats in io.finished_saves()]
+            [('write', 5, True)]
+            >>> io.finished_saves()  # each event is returned once
+            []
         """
         events = []
         while self._events:
@@ -395,12 +432,27 @@ class ShardedCheckpointIO(CheckpointIO):
             raise errors[0]
 
     def cache_for(self, remote_folder_url: str, kind: str) -> str:
-        """The local cache directory of a remote folder (``kind``: ``"uploads"`` or ``"downloads"``)."""
+        """The local cache directory of a remote folder (``kind``: ``"uploads"`` or ``"downloads"``).
+
+        Example:
+            >>> io = ShardedCheckpointIO(cache_dir="/local/nvme/ckpt-cache")
+            >>> io.cache_for("s3://bucket/runs/a", "uploads")  # one directory per remote folder
+            '/local/nvme/ckpt-cache/uploads/4d896d9c6b21898f'
+        """
         digest = hashlib.sha1(remote_folder_url.encode()).hexdigest()[:16]
         return os.path.join(self.cache_dir, kind, digest)
 
     def uploader(self, remote_folder_url: str) -> Uploader:
-        """This rank's background uploader for a remote folder (made on first use)."""
+        """This rank's background uploader for a remote folder (made on first use).
+
+        Example:
+            >>> import tempfile
+            >>> io = ShardedCheckpointIO(cache_dir=tempfile.mkdtemp(), num_concurrent_uploads=8)
+            >>> uploader = io.uploader("memory://bucket/runs/a")
+            >>> uploader is io.uploader("memory://bucket/runs/a"), uploader.num_concurrent_uploads
+            (True, 8)
+            >>> io.teardown()  # stops the uploader's threads
+        """
         if remote_folder_url not in self._uploaders:
             storage, folder = Storage.open(remote_folder_url, self.storage_options)
             self._uploaders[remote_folder_url] = Uploader(
@@ -413,7 +465,18 @@ class ShardedCheckpointIO(CheckpointIO):
         return self._uploaders[remote_folder_url]
 
     def wait_for_uploads(self) -> None:
-        """Block until this rank's uploads are done (bounded by ``upload_timeout_in_seconds``); raise their error."""
+        """Block until this rank's uploads are done (bounded by ``upload_timeout_in_seconds``); raise their error.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> from lightning_ckpt import latest
+            >>> io, remote = ShardedCheckpointIO(cache_dir=tempfile.mkdtemp()), "memory://wait-for-uploads-doc/run"
+            >>> _ = io.save_collective({"w": torch.ones(2), "global_step": 1}, f"{remote}/ba1")  # uploads in background
+            >>> io.wait_for_uploads()
+            >>> os.path.basename(latest(remote))
+            'ba1'
+            >>> io.teardown()
+        """
         self.wait_for_save()  # its upload is queued once it commits locally
         for uploader in list(self._uploaders.values()):
             uploader.wait()
@@ -445,6 +508,17 @@ class ShardedCheckpointIO(CheckpointIO):
         A candidate that does not verify (missing, truncated or corrupt files) is skipped with a
         warning naming it and what was wrong. With several ranks the lists are aligned by step,
         and ranks move to the next candidate together when any of them fails to verify.
+
+        Example:
+            >>> import os, shutil, tempfile, torch
+            >>> io, folder = ShardedCheckpointIO(), tempfile.mkdtemp()
+            >>> ba1, ba2 = os.path.join(folder, "ba1"), os.path.join(folder, "ba2")
+            >>> for step, path in ((1, ba1), (2, ba2)):
+            ...     io.save_checkpoint({"w": torch.ones(1), "global_step": step}, path)
+            >>> io.redirect(folder, [ba2, ba1])
+            >>> shutil.rmtree(ba2)  # the newest one is gone: the load falls back to ba1, with a warning
+            >>> io.load_checkpoint(folder)["global_step"], io.skipped == [ba2]
+            (1, True)
         """
         self._redirects[path] = list(candidates)
 
@@ -472,7 +546,18 @@ class ShardedCheckpointIO(CheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: MapLocation = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """Load a checkpoint directory, folder (newest committed), pointer, URL or legacy ``.ckpt`` file."""
+        """Load a checkpoint directory, folder (newest committed), pointer, URL or legacy ``.ckpt`` file.
+
+        Lightning calls it on every rank to resume; Fabric and scripts call it directly.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> io, folder = ShardedCheckpointIO(), tempfile.mkdtemp()
+            >>> for step in (1, 2): io.save_checkpoint({"w": torch.full((2,), step), "global_step": step},
+            ...                                        os.path.join(folder, f"ba{step}"))
+            >>> io.load_checkpoint(folder, map_location="cpu")["w"]  # a folder: its newest committed checkpoint
+            tensor([2, 2])
+        """
         self.wait_for_save()
         candidates = self._redirects.pop(os.fspath(path), None)
         if candidates:
@@ -535,7 +620,19 @@ class ShardedCheckpointIO(CheckpointIO):
 
     @override
     def remove_checkpoint(self, path: Any) -> None:
-        """Delete a checkpoint (manifest first) or a legacy file; a missing path is not an error."""
+        """Delete a checkpoint (manifest first) or a legacy file; a missing path is not an error.
+
+        With a save in flight (``async_save=True``) the removal runs after it, in order.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> io, path = ShardedCheckpointIO(), os.path.join(tempfile.mkdtemp(), "ba1")
+            >>> io.save_checkpoint({"w": torch.ones(2)}, path)
+            >>> io.remove_checkpoint(path)
+            >>> os.path.exists(path)
+            False
+            >>> io.remove_checkpoint(path)  # already gone: nothing happens
+        """
         storage, target = Storage.open(os.fspath(path), self.storage_options)
 
         def remove() -> None:
@@ -549,7 +646,18 @@ class ShardedCheckpointIO(CheckpointIO):
 
     @override
     def teardown(self) -> None:
-        """Wait (bounded) for background uploads, stop them, and raise an unreported upload error once."""
+        """Wait (bounded) for background uploads, stop them, and raise an unreported upload error once.
+
+        Lightning calls it when a fit ends; call it yourself with Fabric or in a script.
+
+        Example:
+            >>> import os, tempfile, torch
+            >>> io, path = ShardedCheckpointIO(async_save=True), os.path.join(tempfile.mkdtemp(), "ba1")
+            >>> io.save_checkpoint({"w": torch.ones(2)}, path)  # returns once staged
+            >>> io.teardown()  # waits for the commit, releases the staging buffers
+            >>> "manifest.json" in os.listdir(path)
+            True
+        """
         errors = []
         try:  # first: the save in flight queues its upload when it commits (Lightning tears down before on_fit_end)
             self.wait_for_save()

@@ -263,6 +263,15 @@ def read_checkpoint(
         ConfigError: an argument of the wrong type or value (named in the message).
         CheckpointNotFoundError: nothing is at ``path``.
         CorruptCheckpointError: ``path`` is not a committed checkpoint, or does not match its manifest.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from lightning_ckpt import ShardedCheckpointIO
+        >>> path = os.path.join(tempfile.mkdtemp(), "ep0-ba100")
+        >>> ShardedCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 100}, path)
+        >>> checkpoint = read_checkpoint(path, map_location="cpu")
+        >>> checkpoint["global_step"], checkpoint["state_dict"]["w"]
+        (100, tensor([0., 0.]))
     """
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ConfigTypeError("path", path, _PATH_EXAMPLE, "It must be the path or URL of a checkpoint directory")

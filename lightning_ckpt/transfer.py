@@ -63,6 +63,13 @@ class RetryPolicy:
         initial_backoff_s: wait before the second try; doubles each time, with +-25% jitter.
         max_backoff_s: cap on one wait.
         deadline_s: give up once this much time has passed since the first try.
+
+    Example:
+        >>> from lightning_ckpt import RetryPolicy, ShardedCheckpointIO
+        >>> policy = RetryPolicy(attempts=4, initial_backoff_s=1.0, max_backoff_s=30.0)
+        >>> io = ShardedCheckpointIO(upload_retry=policy)  # uploads, manifest downloads, the folder lease
+        >>> io.upload_retry.attempts, [policy.initial_backoff_s * 2**n for n in range(policy.attempts - 1)]
+        (4, [1.0, 2.0, 4.0])
     """
 
     attempts: int = 8
