@@ -63,6 +63,7 @@ from lightning_ckpt.upload import Uploader, UploadJob
 __all__ = ["ShardedCheckpointIO"]
 
 log = logging.getLogger("lightning_ckpt")
+_MAX_FINISHED_SAVES = 1024  # finished_saves() keeps at most this many undrained results
 
 
 class ShardedCheckpointIO(CheckpointIO):
@@ -143,7 +144,8 @@ class ShardedCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[Any]] = []
         self.last_save: SaveStats | None = None
-        self._events: deque[tuple[str, SaveStats]] = deque()  # appended in the background, drained on the loop
+        # Appended in the background, drained on the training loop; bounded for users who never drain it.
+        self._events: deque[tuple[str, SaveStats]] = deque(maxlen=_MAX_FINISHED_SAVES)
         self.storage_options = options
         self.verify_checksums = verify_checksums
         self.num_concurrent_uploads = num_concurrent_uploads
@@ -385,6 +387,8 @@ class ShardedCheckpointIO(CheckpointIO):
         """Saves and uploads that finished since the last call: ``("write" | "upload", stats)``, oldest first.
 
         :class:`~lightning_ckpt.CheckpointSaver` turns them into logger metrics on the training thread.
+        Undrained results beyond the newest 1024 are dropped, so a plugin used without the saver
+        (``ModelCheckpoint``) never grows without bound.
 
         Example:
             >>> import os, tempfile, torch

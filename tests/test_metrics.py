@@ -86,3 +86,25 @@ def test_uploads_log_their_time_and_throughput_at_the_step_of_their_checkpoint(
     lines = _saved_lines(caplog)
     assert len(lines) == 2, lines  # one line per save, written once the upload is committed
     assert all(line.startswith(f"Saved checkpoint {s3_bucket.url}/run/") and "upload" in line for line in lines)
+
+
+def test_the_plugin_alone_with_model_checkpoint_logs_a_line_per_save_and_keeps_a_bounded_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    import lightning_ckpt.plugin
+
+    monkeypatch.setattr(lightning_ckpt.plugin, "_MAX_FINISHED_SAVES", 3)
+    io = ShardedCheckpointIO()
+    every_step = ModelCheckpoint(dirpath=tmp_path / "mc", every_n_train_steps=1, save_top_k=-1)
+    caplog.set_level(logging.INFO, logger="lightning_ckpt")
+    L.seed_everything(0, verbose=False)
+    trainer = build_trainer(str(tmp_path), max_epochs=1, callbacks=[every_step], plugins=[io], logger=False)
+    trainer.fit(TinyRegressor())
+
+    steps = trainer.global_step
+    assert steps > 3
+    assert len(_saved_lines(caplog)) >= steps  # one INFO line per save (ModelCheckpoint also saves at epoch end)
+    kept = [(kind, stats.step) for kind, stats in io.finished_saves()]
+    assert kept == [("write", steps - 2), ("write", steps - 1), ("write", steps)], kept  # the newest 3 only
