@@ -197,6 +197,17 @@ def test_prune_keeps_the_newest_and_the_latest(folder: Path, capsys: pytest.Capt
     assert code == 0 and out.strip() == "nothing to delete", "the newest and the latest are never deleted"
 
 
+def test_prune_keeps_every_n_th_step_like_the_callback(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "prune", folder, "--keep", "1", "--keep-every-n-steps", "8", "--dry-run")
+    assert code == 0 and out.splitlines() == ["would delete ep0-ba4", "would delete ep1-ba12"]  # keeps 8 and 16
+    code, out, _ = run(capsys, "prune", folder, "--keep", "0", "--keep-every-n-steps", "4")
+    assert code == 0 and out.strip() == "nothing to delete"
+    code, _, err = run(capsys, "prune", folder, "--keep", "1", "--keep-every-n-steps", "0")
+    assert code == 2 and "--keep-every-n-steps must be >= 1" in err
+    assert_one_line_error(err)
+    assert all((folder / n / "manifest.json").is_file() for n in NAMES)
+
+
 def test_cp_to_and_from_s3_verifies_and_refuses_a_corrupt_source(
     folder: Path, tmp_path: Path, s3_bucket: S3Bucket, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -214,6 +225,11 @@ def test_cp_to_and_from_s3_verifies_and_refuses_a_corrupt_source(
     copied = read_checkpoint(str(back / "ep1-ba16"), weights_only=False)
     assert all(torch.equal(v, expected["state_dict"][k]) for k, v in copied["state_dict"].items())
     assert sorted(os.listdir(back)) == ["ep1-ba16"], "no staging directory left"
+
+    code, out, _ = run(capsys, *options, "consolidate", remote, tmp_path / "remote.ckpt")  # straight from S3
+    consolidated = torch.load(tmp_path / "remote.ckpt", weights_only=True)
+    assert code == 0 and consolidated["global_step"] == expected["global_step"] == 16
+    assert all(torch.equal(v, expected["state_dict"][k]) for k, v in consolidated["state_dict"].items())
 
     flip_byte(folder / "ep1-ba12" / SHARD, offset=5000)
     code, out, err = run(capsys, *options, "cp", folder / "ep1-ba12", f"{s3_bucket.url}/run/bad")

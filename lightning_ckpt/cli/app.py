@@ -67,9 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate_cmd.add_argument(
         "--allow-pickle", action="store_true", help="unpickle objects.pt with weights_only=False (trusted files only)"
     )
-    prune_cmd = add("prune", cmd_prune, "delete all but the N newest checkpoints (never the latest)")
+    prune_cmd = add(
+        "prune", cmd_prune, "delete all but the N newest checkpoints (and every M-th step; never the latest)"
+    )
     prune_cmd.add_argument("folder", metavar="FOLDER")
     prune_cmd.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest to keep")
+    prune_cmd.add_argument(
+        "--keep-every-n-steps",
+        type=int,
+        default=None,
+        metavar="M",
+        help="also keep every checkpoint whose step is a multiple of M",
+    )
     prune_cmd.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     cp = add("cp", cmd_cp, "copy a checkpoint between fsspec locations, verifying checksums; DST/ copies into DST")
     cp.add_argument("src", metavar="SRC")
