@@ -39,7 +39,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_ckpt import layout
+from lightning_ckpt import inflight, layout
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import (
     PreparedSave,
@@ -202,7 +202,7 @@ class ShardedCheckpointIO(CheckpointIO):
             return prepare_save(checkpoint, target, exchange=alone, nonce=new_nonce(), storage_options=options,
                                 staging=staging)  # fmt: skip
 
-        self._run_save(prepare, asynchronous=self.async_save, step=_step_of(checkpoint))
+        self._run_save(prepare, asynchronous=self.async_save, step=_step_of(checkpoint), announce=target)
 
     def save_collective(
         self,
@@ -328,11 +328,14 @@ class ShardedCheckpointIO(CheckpointIO):
         committed: Callable[[SaveResult, SaveStats], None] | None = None,
         step: int | None = None,
         uploads: bool = False,
+        announce: str | None = None,
     ) -> SaveResult:
         """Wait for the previous save, run ``prepare`` (the blocking part), then write and commit,
         in the background when ``asynchronous``. Returns what the save does on this rank.
 
-        With ``uploads`` the save's log line is written once the upload is committed too.
+        With ``uploads`` the save's log line is written once the upload is committed too. An
+        asynchronous save of ``announce`` (a path one rank saves alone) is marked pending for the
+        other ranks until it is written (:mod:`lightning_ckpt.inflight`).
         """
         start = time.perf_counter()
         self.wait_for_save()
@@ -358,7 +361,20 @@ class ShardedCheckpointIO(CheckpointIO):
             result = finish()
             stats.blocking_s = time.perf_counter() - start
             return result
-        self._in_flight.append(self._background().submit(finish))
+        written = inflight.announce(announce) if announce is not None else None
+
+        def finish_and_tell() -> SaveResult:
+            try:
+                result = finish()
+            except BaseException:
+                if written is not None:
+                    written(False)
+                raise
+            if written is not None:
+                written(True)
+            return result
+
+        self._in_flight.append(self._background().submit(finish_and_tell))
         stats.blocking_s = time.perf_counter() - start
         return prepared.result
 
@@ -563,6 +579,7 @@ class ShardedCheckpointIO(CheckpointIO):
             tensor([2, 2])
         """
         self.wait_for_save()
+        inflight.wait_until_written(os.fspath(path), self.barrier_timeout_s)  # a save another rank began alone
         candidates = self._redirects.pop(os.fspath(path), None)
         if candidates:
             return self._load_first_that_verifies(candidates, map_location, weights_only)

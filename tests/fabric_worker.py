@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from typing import Any
 
 import torch
@@ -44,23 +45,42 @@ def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def slow_down_writes(seconds: float) -> None:
+    """A slow disk: every shard write (the background part of an async save) starts ``seconds`` late."""
+    import lightning_ckpt.plugin
+
+    real = lightning_ckpt.plugin.finish_save
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+
+    lightning_ckpt.plugin.finish_save = slow  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--path", required=True)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--results", required=True, help="each rank writes <results>.rank<r>.json")
+    parser.add_argument("--async-save", action="store_true", help="ShardedCheckpointIO(async_save=True)")
+    parser.add_argument("--slow-write-s", type=float, default=0.0, help="a slow disk: delay each background write")
     args = parser.parse_args()
 
-    io = ShardedCheckpointIO(barrier_timeout_s=60)
+    if args.slow_write_s:
+        slow_down_writes(args.slow_write_s)
+    io = ShardedCheckpointIO(barrier_timeout_s=60, async_save=args.async_save)
     fabric = Fabric(accelerator="cpu", strategy="ddp", devices=args.devices, plugins=[io])
     fabric.launch()
     model, optimizer = build(fabric, seed=0)
     train(fabric, model, optimizer, steps=3)  # DDP averages gradients: every rank holds the same weights
     fabric.save(args.path, {"model": model, "optimizer": optimizer, "progress": {"step": 5}, "epoch": 2})
+    saved_at = time.monotonic()
 
     fresh_model, fresh_optimizer = build(fabric, seed=1)
     state: dict[str, Any] = {"model": fresh_model, "optimizer": fresh_optimizer, "progress": {}, "epoch": 0}
-    remainder = fabric.load(args.path, state)
+    remainder = fabric.load(args.path, state)  # no wait_for_save(): rank 0 may still be writing
+    load_waited_s = time.monotonic() - saved_at
 
     result = {
         "rank": fabric.global_rank,
@@ -73,6 +93,7 @@ def main() -> None:
         "epoch": state["epoch"],
         "remainder": sorted(remainder),
         "pid": os.getpid(),
+        "load_waited_s": load_waited_s,
     }
     with open(f"{args.results}.rank{fabric.global_rank}.json", "w") as f:  # one file per rank: no interleaving
         json.dump(result, f)

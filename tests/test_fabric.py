@@ -93,3 +93,23 @@ def test_fabric_ddp_two_processes(tmp_path: Path) -> None:
     assert manifest, "the manifest is the commit"
     assert sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors") == ["shard-00000-of-00001.safetensors"]
     assert read_checkpoint(str(path))["progress"] == {"step": 5}
+
+
+def test_fabric_ddp_async_save_then_load_on_every_rank_without_waiting(tmp_path: Path) -> None:
+    """Fabric saves on rank 0 only and meets the other ranks at a barrier. With ``async_save=True`` and a
+    slow disk (each write starts 2 s late), rank 1 asks for the checkpoint before rank 0 has written it:
+    the plugin makes it wait for the commit instead of failing to find it."""
+    path = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    command += [WORKER, "--path", str(path), "--devices", "2", "--results", str(tmp_path / "result")]
+    command += ["--async-save", "--slow-write-s", "2"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    lines = [json.loads((tmp_path / f"result.rank{r}.json").read_text()) for r in (0, 1)]
+    for r in lines:
+        assert r["weights_equal"] and r["optimizer_equal"], r
+        assert r["progress"] == {"step": 5} and r["epoch"] == 2
+        assert r["load_waited_s"] >= 1.5, r  # the load really waited for the slow write
+    assert read_checkpoint(str(path))["progress"] == {"step": 5}
