@@ -102,3 +102,14 @@ def test_bench_preemption_check_smoke(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert set(report["check_us"]) == {"ours", "lightning"} and all(v > 0 for v in report["check_us"].values())
     assert [row["every_n_steps"] for row in report["rows"]] == [100, 20, 5, 1]
+
+
+@pytest.mark.timeout(120)
+def test_bench_cli_startup_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "cli.json"
+    proc = run_script("bench_cli_startup.py", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| variant | start to exit s |" in proc.stdout and "| with Lightning / ours |" in proc.stdout
+    variants = json.loads(out.read_text())["variants"]
+    assert set(variants) == {"ours", "with_lightning_imported", "import_torch"}
+    assert all(positive(v) for v in variants.values()), variants
