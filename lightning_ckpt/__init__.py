@@ -25,6 +25,8 @@ if TYPE_CHECKING:
         CorruptCheckpointError,
         FolderConflictError,
         FolderInUseError,
+        PlanError,
+        TargetExistsError,
     )
     from lightning_ckpt.interval import Event, SaveSchedule
     from lightning_ckpt.plugin import ShardedCheckpointIO
@@ -44,9 +46,11 @@ _EXPORTS: dict[str, str] = {
     "Event": "lightning_ckpt.interval",
     "FolderConflictError": "lightning_ckpt.errors",
     "FolderInUseError": "lightning_ckpt.errors",
+    "PlanError": "lightning_ckpt.errors",
     "RetryPolicy": "lightning_ckpt.transfer",
     "SaveSchedule": "lightning_ckpt.interval",
     "ShardedCheckpointIO": "lightning_ckpt.plugin",
+    "TargetExistsError": "lightning_ckpt.errors",
     "WriterHook": "lightning_ckpt.collective",
     "latest": "lightning_ckpt.discovery",
     "read_checkpoint": "lightning_ckpt.reader",
@@ -65,9 +69,11 @@ __all__ = [
     "Event",
     "FolderConflictError",
     "FolderInUseError",
+    "PlanError",
     "RetryPolicy",
     "SaveSchedule",
     "ShardedCheckpointIO",
+    "TargetExistsError",
     "WriterHook",
     "latest",
     "read_checkpoint",

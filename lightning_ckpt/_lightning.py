@@ -12,6 +12,10 @@ What it reaches into, and why:
                                                             (before the loops are restored)
 ``trainer.strategy.checkpoint_io`` (public setter)          load our format when the trainer still has
                                                             the stock ``TorchCheckpointIO``
+``trainer.optimizers``, ``optimizer.state``, strategy types  which dumped tensors DDP replicates, and which
+                                                            strategies a collective save must refuse
+``lightning.pytorch.core.saving.pl_load`` (wrapped once)   ``Model.load_from_checkpoint(dir)`` reads this
+                                                            format (Lightning opens it as one file)
 ==========================================================  ==========================================
 
 Example:
@@ -34,18 +38,22 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_ckpt.layout import Progress, RankInfo
 
 __all__ = [
+    "check_strategy_savable",
     "max_across_ranks",
+    "replicated_test",
     "preemption_exit",
     "LastCheckpointProvider",
     "decide_on_rank_zero",
     "default_run_name",
     "dump_checkpoint",
+    "install_directory_loader",
     "install_last_resolver",
     "progress",
     "rank_info",
@@ -191,3 +199,100 @@ def install_last_resolver() -> None:
 
     parse._lightning_ckpt = True  # type: ignore[attr-defined]
     _CheckpointConnector._parse_ckpt_path = parse  # type: ignore[method-assign]
+
+
+def replicated_test(trainer: Trainer) -> Callable[[str, torch.Tensor], bool] | None:
+    """Which tensors of this rank's checkpoint dict are identical on every rank by construction, or ``None``.
+
+    Only under DDP (any start method): it starts every rank from rank 0's parameters and applies the
+    same all-reduced gradients, so the LightningModule's parameters and the per-parameter state of
+    ``torch.optim`` optimizers are equal on every rank. A dumped tensor is one of them when it
+    shares storage with one (matched by identity, never by name). Buffers (BatchNorm statistics)
+    are not: each rank updates its own from its own batches. Call it right after
+    :func:`dump_checkpoint`, while the dumped tensors still share storage with the live ones.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, DDPStrategy) or "deepspeed" in type(strategy).__name__.lower():
+        return None
+    params = list(trainer.lightning_module.parameters())
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    for optimizer in trainer.optimizers:
+        for param in params:
+            for value in optimizer.state.get(param, {}).values():
+                if isinstance(value, torch.Tensor):
+                    storages.add(value.untyped_storage().data_ptr())
+    storages.discard(0)  # empty tensors have no storage to match
+
+    def is_replicated(key: str, tensor: torch.Tensor) -> bool:
+        return tensor.untyped_storage().data_ptr() in storages
+
+    return is_replicated
+
+
+def check_strategy_savable(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Refuse, on every rank alike, what a collective save cannot write correctly under this trainer's strategy.
+
+    FSDP and ModelParallel strategies give each rank sharded tensors (``DTensor``, ``ShardedTensor``)
+    or gather a full dict on rank 0 only; their own loaders read neither this format nor a dict
+    missing a rank's shards. The decision depends on the strategy type alone, which every rank shares,
+    so every rank raises here before any rank posts anything.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or trainer.world_size == 1:
+        return
+    from lightning_ckpt.errors import PlanError
+    from lightning_ckpt.sharded import find_distributed_tensor
+
+    found = find_distributed_tensor(checkpoint)
+    if found is not None:
+        what = f"its checkpoint dict holds {found[1]} values (e.g. {found[0]!r}) sharded across ranks"
+    else:
+        what = "it gathers a full state dict on rank 0 only, which its own loader cannot resume from this format"
+    raise PlanError(
+        f"CheckpointSaver cannot save under {type(strategy).__name__} yet: {what}. Nothing was written."
+        " Remove the CheckpointSaver (and the ShardedCheckpointIO plugin) for this strategy and use Lightning's"
+        " ModelCheckpoint, or train with strategy='ddp'; sharded state support is planned"
+    )
+
+
+def _names_checkpoint_directory(path: str) -> bool:
+    """Whether ``path`` is a directory (or a ``latest.symlink`` pointer): this package's, never ``torch.load``'s."""
+    from lightning_ckpt.layout import POINTER_SUFFIX
+    from lightning_ckpt.storage import Storage, is_url
+
+    if path.startswith(("http://", "https://")):
+        return False
+    if not is_url(path):
+        return os.path.isdir(path) or (path.endswith(POINTER_SUFFIX) and os.path.isfile(path))
+    try:
+        storage, target = Storage.open(path)
+        return storage.isdir(target) or (path.endswith(POINTER_SUFFIX) and storage.isfile(target))
+    except Exception:  # credentials, protocol, network: let Lightning's own loader report it
+        return False
+
+
+def install_directory_loader() -> None:
+    """Make ``Model.load_from_checkpoint(path)`` load a checkpoint directory of this format (idempotent).
+
+    Lightning opens ``path`` as one file (``IsADirectoryError``); the wrapper hands directories,
+    folders of checkpoints and ``latest.symlink`` pointers to :func:`lightning_ckpt.read_checkpoint`
+    (same ``map_location`` and ``weights_only``) and everything else to Lightning. It is installed
+    when a ``ShardedCheckpointIO`` saves or loads; a process that never does can call it, use
+    ``lightning_ckpt.read_checkpoint``, or ``lightning-ckpt consolidate`` the directory into one file.
+    """
+    from lightning.pytorch.core import saving
+
+    original = saving.pl_load
+    if getattr(original, "_lightning_ckpt", False):
+        return
+
+    @functools.wraps(original)
+    def load(path_or_url: Any, map_location: Any = None, weights_only: bool | None = None) -> Any:
+        if isinstance(path_or_url, (str, os.PathLike)) and _names_checkpoint_directory(os.fspath(path_or_url)):
+            from lightning_ckpt.reader import read_checkpoint
+
+            return read_checkpoint(os.fspath(path_or_url), map_location=map_location, weights_only=weights_only)
+        return original(path_or_url, map_location=map_location, weights_only=weights_only)
+
+    load._lightning_ckpt = True  # type: ignore[attr-defined]
+    saving.pl_load = load

@@ -757,6 +757,7 @@ class CheckpointSaver(Checkpoint):
             self.ignore_keys(checkpoint)
         elif self.ignore_keys:
             drop_paths(checkpoint, self.ignore_keys)
+        _lightning.check_strategy_savable(trainer, checkpoint)  # every rank refuses alike, before anything is posted
         assert self._io is not None, "CheckpointSaver.save() runs inside trainer.fit()"
         rank = _lightning.rank_info(trainer)
         latest = self.latest_filename.render(run_name=self.run_name, rank=rank) if self.latest_filename else None
@@ -770,6 +771,7 @@ class CheckpointSaver(Checkpoint):
             local_folder=self.local_folder,
             after_commit=functools.partial(delete_checkpoints, storage, folder, doomed),  # where it is kept
             async_save=self.async_save,
+            replicated=_lightning.replicated_test(trainer),  # the rest is written from rank 0's copy
         )
         return result.path
 

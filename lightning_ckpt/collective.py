@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from lightning_ckpt import _faults, layout
+from lightning_ckpt.agree import agree_on_plan
 from lightning_ckpt.checkpoint import (
     PreparedShard,
     library_versions,
@@ -54,11 +55,11 @@ from lightning_ckpt.checkpoint import (
 )
 from lightning_ckpt.commit import commit_dir, stage_dir, update_latest
 from lightning_ckpt.dist import Exchange
+from lightning_ckpt.errors import PlanError
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
-from lightning_ckpt.sharding import assign_by_bytes
+from lightning_ckpt.plan import replicated_test
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.storage import Storage
-from lightning_ckpt.tree import split_tensors
 
 __all__ = [
     "PreparedSave",
@@ -185,6 +186,7 @@ class PreparedSave:
     metadata: Mapping[str, Any] | None = None
     hooks: Sequence[WriterHook] = ()
     error: BaseException | None = None
+    keys: frozenset[str] = frozenset()
 
     @property
     def url(self) -> str:
@@ -218,46 +220,56 @@ def prepare_save(
     hooks: Sequence[WriterHook] = (),
     previous: Exchange | None = None,
     staging: StagingBuffer | None = None,
+    replicated: Any = None,
+    verify_replicas: bool = False,
 ) -> PreparedSave:
     """The blocking part of :func:`collective_save`: agree on the plan, split, snapshot this rank's share.
+
+    The plan (:mod:`lightning_ckpt.agree`) writes ``replicated`` tensors (keys, or a test
+    ``(key, tensor) -> bool``; see :func:`lightning_ckpt.plan.replicated_test`) split across the
+    group and everything else from the leader's copy. A checkpoint that cannot be saved correctly
+    raises :class:`~lightning_ckpt.errors.PlanError` on every rank before anything is written.
 
     With ``staging`` every tensor and the pickled non-tensor state are copied, so training may
     change them as soon as this returns. An error after the plan is agreed is kept and reported to
     every rank at the ``written`` barrier of :func:`finish_save`, so no rank is left waiting.
     """
     storage, target = Storage.open(path, storage_options)
-    plans = exchange.barrier("plan", payload=[storage.url(target), latest_filename])
+    agreed = agree_on_plan(
+        exchange,
+        checkpoint,
+        target=storage.url(target),
+        pointer=latest_filename,
+        peers=peers,
+        replicated=replicated_test(replicated),
+        verify_replicas=verify_replicas,
+    )
     if previous is not None:
         previous.cleanup()
-    group = [r for r in sorted(peers) if r in plans and plans[r][0] == plans[exchange.rank][0]] or [exchange.rank]
+    group = agreed.group
     index, leader = group.index(exchange.rank), group[0]
-    # Several groups in one folder (``{rank}`` in the name) may share a pointer name: the lowest one moves it.
-    same_pointer = [r for r in peers if r in plans and plans[r][1] == latest_filename] or [exchange.rank]
     prepared = PreparedSave(
         storage=storage,
         target=target,
         group=group,
         rank=exchange.rank,
         leader=leader,
-        pointer=latest_filename if leader == min(same_pointer) else None,
+        pointer=latest_filename if agreed.pointer else None,
         shard=None,
         objects=None,
-        info={
-            "epoch": int(checkpoint.get("epoch", 0)),
-            "global_step": int(checkpoint.get("global_step", 0)),
-            "weights_only": "optimizer_states" not in checkpoint,
-        },
+        info=agreed.info,
+        keys=frozenset(spec.key for spec in agreed.specs),
         exchange=exchange,
         nonce=nonce,
         metadata=dict(metadata or {}),
         hooks=tuple(hooks),
     )
     try:
-        skeleton, tensors = split_tensors(dict(checkpoint))
-        mine = assign_by_bytes({k: t.numel() * t.element_size() for k, t in tensors.items()}, len(group))[index]
-        prepared.shard = prepare_shard({k: tensors[k] for k in mine}, index=index, count=len(group), staging=staging)
+        tensors = agreed.tensors
+        prepared.shard = prepare_shard({k: tensors[k] for k in agreed.mine}, index=index, count=len(group),
+                                       staging=staging)  # fmt: skip
         if index == 0:
-            prepared.objects = pickle_objects(skeleton)
+            prepared.objects = pickle_objects(agreed.skeleton)
     except Exception as err:  # reported to every rank at the "written" barrier
         prepared.error = err
     return prepared
@@ -316,6 +328,7 @@ def collective_save(
     metadata: Mapping[str, Any] | None = None,
     hooks: Sequence[WriterHook] = (),
     previous: Exchange | None = None,
+    replicated: Any = None,
 ) -> SaveResult:
     """Save ``checkpoint`` at ``path`` from every rank (see the module docstring); returns when committed.
 
@@ -330,6 +343,8 @@ def collective_save(
         metadata: JSON-able extras stored in the manifest.
         hooks: :class:`WriterHook` instances.
         previous: the previous save's exchange; its last keys are deleted once every rank is here.
+        replicated: tensors identical on every rank by construction (keys, or ``(key, tensor) -> bool``),
+            written split across the group; the rest comes from the leader (:mod:`lightning_ckpt.plan`).
     """
     prepared = prepare_save(
         checkpoint,
@@ -342,6 +357,7 @@ def collective_save(
         metadata=metadata,
         hooks=hooks,
         previous=previous,
+        replicated=replicated,
     )
     return finish_save(prepared)
 
@@ -355,6 +371,10 @@ def _commit(
         rank_files, rank_tensors = _entries(written[rank])
         files += rank_files
         tensors.update((t.key, t) for t in rank_tensors)
+    if set(tensors) != prepared.keys:  # the written entries must be exactly the agreed plan
+        missing, extra = sorted(prepared.keys - set(tensors)), sorted(set(tensors) - prepared.keys)
+        raise PlanError(f"the ranks wrote a different set of tensors than planned (missing {missing[:3]},"
+                        f" unexpected {extra[:3]}); nothing was committed")  # fmt: skip
     manifest = Manifest(
         name=name,
         epoch=prepared.info["epoch"],

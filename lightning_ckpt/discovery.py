@@ -8,6 +8,7 @@ folder of checkpoints          ``/runs/a`` → its newest *committed* checkpoint
 ``latest`` symlink             ``/runs/a/latest`` → the checkpoint it links to
 pointer file                   ``/runs/a/latest.symlink`` (or ``.../latest`` where only the pointer exists)
 legacy single file             ``/runs/old/epoch=2.ckpt`` written by ``torch.save``
+a file inside a checkpoint     ``/runs/a/ep3-ba1500/manifest.json`` → that checkpoint (with a warning)
 =============================  ====================================================================
 
 "Newest" means most recently committed (manifest ``created`` time, then global step), so a run
@@ -31,14 +32,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from lightning_ckpt import layout
 from lightning_ckpt.commit import read_pointer
 from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigTypeError, CorruptCheckpointError
 from lightning_ckpt.manifest import Manifest
-from lightning_ckpt.reader import read_manifest, verify_files
+from lightning_ckpt.reader import MapLocation, load_checkpoint_dir, read_manifest, verify_files
 from lightning_ckpt.storage import Storage
 
-__all__ = ["Resolved", "latest", "list_committed", "resolve"]
+__all__ = ["Resolved", "latest", "list_committed", "load_resolved", "resolve"]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -106,8 +109,43 @@ def _follow_pointer(storage: Storage, pointer: str) -> str:
     return target
 
 
+def _enclosing_checkpoint(storage: Storage, path: str) -> str | None:
+    """The checkpoint directory holding file ``path`` (its manifest, a shard, ``objects.pt``), or ``None``.
+
+    A file of a committed checkpoint stands for the checkpoint, with a warning; a file of a directory
+    whose manifest is missing or damaged raises, since neither the file nor the directory can be loaded.
+    """
+    name, directory = storage.basename(path), storage.dirname(path)
+    if name not in (layout.MANIFEST_FILENAME, layout.OBJECTS_FILENAME) and not layout.parse_shard_filename(name):
+        return None
+    siblings = storage.listdir(directory)
+    looks_unfinished = layout.OBJECTS_FILENAME in siblings and any(layout.parse_shard_filename(n) for n in siblings)
+    if layout.MANIFEST_FILENAME not in siblings and not looks_unfinished:
+        return None  # e.g. a user's own torch.save file named objects.pt
+    try:
+        read_manifest(storage, directory)
+    except CheckpointError as err:
+        raise CorruptCheckpointError(
+            f"ckpt_path={storage.url(path)!r} is one file of a lightning-ckpt checkpoint, and its directory"
+            f" {storage.url(directory)!r} is not a committed checkpoint ({err}); pass a committed checkpoint"
+            " directory or a folder of checkpoints"
+        ) from err
+    log.warning(
+        "%s is one file of the checkpoint %s: loading that checkpoint", storage.url(path), storage.url(directory)
+    )
+    return directory
+
+
 def resolve(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> Resolved:
-    """Turn any accepted ``ckpt_path`` into a committed checkpoint directory or a legacy file."""
+    """Turn any accepted ``ckpt_path`` into a committed checkpoint directory or a legacy file.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> from lightning_ckpt.collective import save_checkpoint_dir
+        >>> path = save_checkpoint_dir({"w": torch.ones(1)}, os.path.join(tempfile.mkdtemp(), "ba1"))
+        >>> resolve(os.path.join(path, "manifest.json")).path == path  # a file inside: the checkpoint
+        True
+    """
     storage, target = Storage.open(path, storage_options)
     if storage.is_local and os.path.islink(target):
         real = os.path.realpath(target)
@@ -129,7 +167,8 @@ def resolve(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | N
     if storage.isfile(target):
         if target.endswith(layout.POINTER_SUFFIX):
             return Resolved(storage, _follow_pointer(storage, target), "dir")
-        return Resolved(storage, target, "file")
+        enclosing = _enclosing_checkpoint(storage, target)
+        return Resolved(storage, enclosing, "dir") if enclosing else Resolved(storage, target, "file")
     pointer = target + layout.POINTER_SUFFIX
     if storage.isfile(pointer):
         return Resolved(storage, _follow_pointer(storage, pointer), "dir")
@@ -137,3 +176,37 @@ def resolve(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | N
         f"ckpt_path={os.fspath(path)!r} does not exist; pass a checkpoint directory, a folder of checkpoints,"
         " a 'latest' pointer or a .ckpt file"
     )
+
+
+def load_resolved(
+    resolved: Resolved,
+    *,
+    map_location: MapLocation = None,
+    weights_only: bool | None = None,
+    verify_checksums: bool = True,
+) -> dict[str, Any]:
+    """Load what :func:`resolve` found: a checkpoint directory, or a legacy file with ``torch.load``.
+
+    ``weights_only=None`` means ``True`` for a legacy file too, whatever ``torch.load``'s default.
+
+    Example:
+        >>> import tempfile, os, torch
+        >>> legacy = os.path.join(tempfile.mkdtemp(), "epoch=0.ckpt")
+        >>> torch.save({"state_dict": {"w": torch.ones(1)}, "epoch": 0}, legacy)
+        >>> load_resolved(resolve(legacy))["epoch"]
+        0
+    """
+    if resolved.kind == "dir":
+        return load_checkpoint_dir(
+            resolved.storage,
+            resolved.path,
+            map_location=map_location,
+            weights_only=weights_only,
+            verify_checksums=verify_checksums,
+        )
+    with resolved.storage.open_read(resolved.path) as f:
+        safe = True if weights_only is None else weights_only
+        loaded = torch.load(f, map_location=map_location, weights_only=safe)
+    if not isinstance(loaded, dict):
+        raise TypeError(f"{resolved.url} holds a {type(loaded).__name__}, not a Lightning checkpoint dict")
+    return loaded

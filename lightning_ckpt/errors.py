@@ -21,6 +21,7 @@ __all__ = [
     "CorruptCheckpointError",
     "FolderConflictError",
     "FolderInUseError",
+    "PlanError",
 ]
 
 
@@ -146,4 +147,41 @@ class FolderInUseError(FolderConflictError):
         ...     print("in use by run 'first'" in str(err))
         True
         >>> first_run.release()
+    """
+
+
+class PlanError(CheckpointError):
+    """A checkpoint cannot be saved correctly, so nothing is written (raised on every rank, before staging).
+
+    The message names the tensor, the ranks or the strategy at fault, and the way out. See
+    :mod:`lightning_ckpt.plan`.
+
+    Example:
+        >>> from lightning_ckpt import PlanError
+        >>> from lightning_ckpt.plan import resolve
+        >>> rank0, rank1 = [], [["state_dict/w", "float32", [2], 8, "rank0"]]  # rank 1 holds a key rank 0 lacks
+        >>> try:
+        ...     resolve({0: rank0, 1: rank1}, group=[0, 1])
+        ... except PlanError as err:
+        ...     print(str(err).split(",")[0])
+        tensor 'state_dict/w' is held by rank 1 but not by rank 0
+    """
+
+
+class TargetExistsError(CheckpointError, FileExistsError):
+    """A save's target exists and is neither a checkpoint of this format nor a legacy ``.ckpt`` file.
+
+    Nothing was written; the existing file or directory is untouched (``torch.save`` would
+    overwrite a file; this package never replaces what it did not write).
+
+    Example:
+        >>> import os, tempfile
+        >>> from lightning_ckpt import ShardedCheckpointIO, TargetExistsError
+        >>> folder = tempfile.mkdtemp()
+        >>> open(os.path.join(folder, "notes.txt"), "w").close()
+        >>> try:
+        ...     ShardedCheckpointIO().save_checkpoint({"epoch": 1}, folder)
+        ... except TargetExistsError as err:
+        ...     print("notes.txt" in str(err), os.listdir(folder))
+        True ['notes.txt']
     """

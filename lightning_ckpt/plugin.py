@@ -30,16 +30,16 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_ckpt import inflight, layout
+from lightning_ckpt._lightning import install_directory_loader
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import (
     PreparedSave,
@@ -50,10 +50,18 @@ from lightning_ckpt.collective import (
     new_nonce,
     prepare_save,
 )
-from lightning_ckpt.discovery import Resolved, list_committed, resolve
+from lightning_ckpt.commit import check_target
+from lightning_ckpt.discovery import Resolved, list_committed, load_resolved, resolve
 from lightning_ckpt.dist import Exchange, default_store, exchange_rank
-from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
-from lightning_ckpt.reader import MapLocation, load_checkpoint_dir
+from lightning_ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    TargetExistsError,
+)
+from lightning_ckpt.plan import ReplicatedTest
+from lightning_ckpt.reader import MapLocation
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage, check_storage_options
@@ -87,6 +95,9 @@ class ShardedCheckpointIO(CheckpointIO):
             :class:`~lightning_ckpt.CheckpointSaver` saves asynchronously by default.
         direct_io: write shards with ``O_DIRECT`` (large aligned writes, no page-cache copy) where
             the filesystem supports it; ``False`` uses buffered writes.
+        verify_replicas: before a collective save, compare a CRC32 of every tensor the plan writes
+            once for all ranks (DDP parameters and their optimizer state) across the ranks, and refuse
+            the save naming the first one that differs (a diagnostic: it reads those bytes once more).
 
     Example:
         >>> import tempfile, os, torch
@@ -112,6 +123,7 @@ class ShardedCheckpointIO(CheckpointIO):
         upload_retry: RetryPolicy | None = None,
         async_save: bool = False,
         direct_io: bool = True,
+        verify_replicas: bool = False,
     ) -> None:
         options = check_storage_options(storage_options)  # a TypeError too; values are never shown
         for argument, value, example in (("barrier_timeout_s", barrier_timeout_s, "600 (seconds)"),
@@ -135,11 +147,13 @@ class ShardedCheckpointIO(CheckpointIO):
             ("async_save", async_save),
             ("direct_io", direct_io),
             ("verify_checksums", verify_checksums),
+            ("verify_replicas", verify_replicas),
         ):
             if not isinstance(flag, bool):
                 raise ConfigError(argument, flag, "True or False")
         self.async_save = async_save
         self.direct_io = direct_io
+        self.verify_replicas = verify_replicas
         self._staging = StagingBuffer()
         self._executor: ThreadPoolExecutor | None = None
         self._in_flight: list[Future[Any]] = []
@@ -196,6 +210,8 @@ class ShardedCheckpointIO(CheckpointIO):
         name = os.path.basename(target.rstrip("/"))
         if not layout.is_plain_name(name):
             raise ValueError(f"path={target!r} must name a checkpoint directory, e.g. '/data/ckpts/ep0-ba100'")
+        check_target(*Storage.open(target, options))  # refuse before staging anything (the commit checks again)
+        install_directory_loader()  # Model.load_from_checkpoint(path) in this process reads what this wrote
         alone = Exchange(None, 0, 1, prefix="single", timeout_s=0)
 
         def prepare(staging: StagingBuffer | None) -> PreparedSave:
@@ -214,6 +230,7 @@ class ShardedCheckpointIO(CheckpointIO):
         local_folder: str | None = None,
         after_commit: Callable[[], None] | None = None,
         async_save: bool | None = None,
+        replicated: Collection[str] | ReplicatedTest | None = None,
     ) -> SaveResult:
         """Save from every rank at once (all ranks must call this together).
 
@@ -221,6 +238,13 @@ class ShardedCheckpointIO(CheckpointIO):
         directory for that remote folder) and uploaded in the background. ``after_commit`` runs on
         the committing rank once the checkpoint is committed where it is kept (in the store for a
         remote ``path``): the place for rotation. ``async_save`` overrides the plugin's setting.
+
+        ``replicated`` names the tensors that are identical on every rank by construction (keys as
+        ``lightning-ckpt inspect`` shows them, e.g. ``"state_dict/layer.weight"``, or a test
+        ``(key, tensor) -> bool``): they are written once, split across the ranks by bytes. Every
+        other tensor is written from rank 0's copy, which is always right and what stock Lightning
+        saves; ``None`` (the default) writes everything that way. :class:`~lightning_ckpt.CheckpointSaver`
+        passes DDP's parameters and their optimizer state (see :mod:`lightning_ckpt.plan`).
 
         Example:
             >>> import os, tempfile, torch
@@ -261,6 +285,8 @@ class ShardedCheckpointIO(CheckpointIO):
                 metadata=metadata,
                 hooks=self.writer_hooks,
                 staging=staging,
+                replicated=replicated,
+                verify_replicas=self.verify_replicas,
             )
 
         def committed(result: SaveResult, stats: SaveStats) -> None:
@@ -578,6 +604,7 @@ class ShardedCheckpointIO(CheckpointIO):
             >>> io.load_checkpoint(folder, map_location="cpu")["w"]  # a folder: its newest committed checkpoint
             tensor([2, 2])
         """
+        install_directory_loader()  # Model.load_from_checkpoint(path) in this process reads this format too
         self.wait_for_save()
         inflight.wait_until_written(os.fspath(path), self.barrier_timeout_s)  # a save another rank began alone
         candidates = self._redirects.pop(os.fspath(path), None)
@@ -624,24 +651,15 @@ class ShardedCheckpointIO(CheckpointIO):
         self.loaded_path = resolved.url
         if resolved.kind == "dir" and not resolved.storage.is_local:
             resolved = self._download(resolved)
-        if resolved.kind == "dir":
-            return load_checkpoint_dir(
-                resolved.storage,
-                resolved.path,
-                map_location=map_location,
-                weights_only=weights_only,
-                verify_checksums=self.verify_checksums,
-            )
-        with resolved.storage.open_read(resolved.path) as f:
-            safe = True if weights_only is None else weights_only  # even where torch's own default is overridden
-            loaded = torch.load(f, map_location=map_location, weights_only=safe)
-        if not isinstance(loaded, dict):
-            raise TypeError(f"{resolved.url} holds a {type(loaded).__name__}, not a Lightning checkpoint dict")
-        return loaded
+        return load_resolved(
+            resolved, map_location=map_location, weights_only=weights_only, verify_checksums=self.verify_checksums
+        )
 
     @override
     def remove_checkpoint(self, path: Any) -> None:
         """Delete a checkpoint (manifest first) or a legacy file; a missing path is not an error.
+
+        Anything else (a directory or file this package did not write) is refused and kept.
 
         With a save in flight (``async_save=True``) the removal runs after it, in order.
 
@@ -657,7 +675,16 @@ class ShardedCheckpointIO(CheckpointIO):
         storage, target = Storage.open(os.fspath(path), self.storage_options)
 
         def remove() -> None:
-            if storage.exists(target):
+            if storage.is_local and os.path.islink(target):
+                storage.remove_file(target)  # a link (save_last="link"): no data goes with it
+            elif storage.exists(target):
+                try:
+                    check_target(storage, target)
+                except TargetExistsError as err:  # never delete what this package did not write
+                    raise TargetExistsError(
+                        f"remove_checkpoint({storage.url(target)!r}): not a lightning-ckpt checkpoint or a"
+                        " torch.save .ckpt file; it was not deleted"
+                    ) from err
                 remove_checkpoint_dir(storage, target)
 
         if self._in_flight:  # after the save in flight, in order (ModelCheckpoint removes right after saving)

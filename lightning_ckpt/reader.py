@@ -255,32 +255,42 @@ def read_checkpoint(
     weights_only: bool | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Load the committed checkpoint directory ``path`` (a local path or URL) into the dict that was saved.
+    """Load a checkpoint (a local path or URL) into the dict that was saved; ``path`` is what ``ckpt_path=`` takes.
 
-    Non-tensor state is unpickled with ``weights_only=True`` unless ``weights_only=False`` is passed.
+    That is: a checkpoint directory, a folder of checkpoints (its newest committed one), a ``latest``
+    symlink or ``latest.symlink`` pointer file, a file inside a checkpoint (that checkpoint), or a
+    legacy single-file ``.ckpt`` written by ``torch.save``. Non-tensor state is unpickled with
+    ``weights_only=True`` unless ``weights_only=False`` is passed.
 
     Raises:
         ConfigError: an argument of the wrong type or value (named in the message).
-        CheckpointNotFoundError: nothing is at ``path``.
+        CheckpointNotFoundError: nothing is at ``path``, or a folder holds no committed checkpoint.
         CorruptCheckpointError: ``path`` is not a committed checkpoint, or does not match its manifest.
 
     Example:
         >>> import os, tempfile, torch
         >>> from lightning_ckpt import ShardedCheckpointIO
-        >>> path = os.path.join(tempfile.mkdtemp(), "ep0-ba100")
-        >>> ShardedCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 100}, path)
-        >>> checkpoint = read_checkpoint(path, map_location="cpu")
+        >>> folder = tempfile.mkdtemp()
+        >>> ShardedCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "global_step": 100},
+        ...                                       os.path.join(folder, "ep0-ba100"))
+        >>> checkpoint = read_checkpoint(folder, map_location="cpu")  # a folder: its newest checkpoint
         >>> checkpoint["global_step"], checkpoint["state_dict"]["w"]
         (100, tensor([0., 0.]))
     """
+    from lightning_ckpt.discovery import load_resolved, resolve  # discovery reads manifests with this module
+
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
         raise ConfigTypeError("path", path, _PATH_EXAMPLE, "It must be the path or URL of a checkpoint directory")
     check_url(os.fspath(path), "path", _PATH_EXAMPLE)
     _check_load_arguments(map_location, weights_only)
-    storage, ckpt_dir = Storage.open(path, storage_options)
-    if not storage.exists(ckpt_dir):
+    storage, target = Storage.open(path, storage_options)
+    if not storage.exists(target) and not storage.exists(target + layout.POINTER_SUFFIX):
         raise CheckpointNotFoundError(
-            f"path={os.fspath(path)!r} does not exist; pass a committed checkpoint directory, e.g. {_PATH_EXAMPLE}"
-            " (lightning_ckpt.latest(folder) returns the newest one in a folder)"
+            f"path={os.fspath(path)!r} does not exist; pass a checkpoint directory, e.g. {_PATH_EXAMPLE}, a folder"
+            " of checkpoints (its newest committed one is read), a 'latest' pointer or a legacy .ckpt file"
         )
-    return load_checkpoint_dir(storage, ckpt_dir, map_location=map_location, weights_only=weights_only)
+    try:
+        resolved = resolve(os.fspath(path), storage_options)
+    except CheckpointNotFoundError as err:  # resolve names the argument of the plugin, ckpt_path
+        raise CheckpointNotFoundError(str(err).replace("ckpt_path=", "path=", 1)) from None
+    return load_resolved(resolved, map_location=map_location, weights_only=weights_only)

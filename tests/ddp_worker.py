@@ -60,6 +60,46 @@ class DumpLoaded(L.Callback):
         torch.save(state_of(pl_module), f"{self.prefix}.rank{trainer.global_rank}.pt")
 
 
+class BatchNormRegressor(TinyRegressor):
+    """TinyRegressor with BatchNorm and a buffer its forward updates: buffers differ between DDP ranks
+    (each rank updates them from its own half-batch), parameters and Adam state do not; StepLR adds
+    scheduler state."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        width = self.hparams["width"]
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(16, width), torch.nn.BatchNorm1d(width), torch.nn.ReLU(), torch.nn.Linear(width, 1)
+        )
+        self.register_buffer("input_sum", torch.zeros(16, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.input_sum += x.detach().sum(dim=0).double()
+        return self.net(x)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 3, gamma=0.5)}
+
+
+class DumpState(L.Callback):
+    """Writes this rank's whole checkpoint dict (parameters, buffers, optimizer, scheduler, loops, callbacks)
+    at every save (``<prefix>.rank<r>.step<s>.pt``, the values being saved) and at the end of training
+    (``<prefix>.rank<r>.final.pt``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: Any) -> None:
+        torch.save(state_of(pl_module), f"{self.prefix}.rank{trainer.global_rank}.step{trainer.global_step}.pt")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        torch.save(state, f"{self.prefix}.rank{trainer.global_rank}.final.pt")
+
+
 class MarkSteps(L.Callback):
     """Publishes this rank's pid and newest finished step (files ``<prefix>.rank<r>.pid`` / ``.step``);
     sleeps ``step_s`` per step so a test can signal the process in the middle of training."""
@@ -130,6 +170,9 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--mark-steps", default=None, help="publish pid and step under this prefix")
     p.add_argument("--step-sleep", type=float, default=0.0)
+    p.add_argument("--model", choices=["tiny", "batchnorm"], default="tiny")
+    p.add_argument("--dump-state", default=None, help="DumpState under this prefix")
+    p.add_argument("--no-validation", action="store_true", help="no validation (DDP's eval forward syncs buffers)")
     args = p.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -142,6 +185,8 @@ def main() -> int:
         callbacks.append(DumpLoaded(args.dump_loaded))
     if args.mark_steps:
         callbacks.append(MarkSteps(args.mark_steps, args.step_sleep))
+    if args.dump_state:
+        callbacks.append(DumpState(args.dump_state))
     interval: Any = args.interval
     if interval == "rank0-callable":  # only rank 0 ever says yes: ranks must follow rank 0's decision
 
@@ -180,8 +225,9 @@ def main() -> int:
         else "auto",  # one plain process: no process group
         devices=args.devices,
         num_nodes=args.num_nodes,
+        **({"limit_val_batches": 0} if args.no_validation else {}),
     )
-    model = TinyRegressor()
+    model = BatchNormRegressor() if args.model == "batchnorm" else TinyRegressor()
     try:
         trainer.fit(model, ckpt_path=args.ckpt_path or ("last" if args.resume else None))
     except Exception as err:

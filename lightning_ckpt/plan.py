@@ -1,0 +1,221 @@
+"""The save plan: where every tensor of a checkpoint comes from, decided before any byte is written.
+
+Each tensor gets one placement, the same on every rank of a writer group:
+
+==============  ===============================================================  ==============================
+placement       which tensors                                                    written by
+==============  ===============================================================  ==============================
+``replicated``  provably identical on every rank: under DDP, the LightningModule  the group, split by bytes
+                parameters and the optimizer state of those parameters, and
+                every rank reports the key with the same dtype and shape
+``rank0``       everything else: buffers (BatchNorm statistics), loop and        the group's leader (rank 0's
+                callback tensors, anything the plan cannot prove identical       copy, as stock Lightning)
+==============  ===============================================================  ==============================
+
+``rank0`` is the default, because it is always right: DDP re-broadcasts rank 0's buffers at the
+next forward and stock Lightning saves rank 0's copy, so only rank 0's values resume into the
+model that was trained. Sharded placements (``DTensor``, ``ShardedTensor``) are refused for now
+(:func:`lightning_ckpt.sharded.find_distributed_tensor`); they will add chunks (offsets and sizes)
+to a :class:`TensorSpec` rather than replace it.
+
+How ranks agree (:mod:`lightning_ckpt.collective`): each rank builds its :func:`local_plan`
+(rows of key, dtype, shape, bytes and its placement *claim*) and posts its :func:`digest` in the
+first barrier of the save. When every digest of a group is equal, each rank derives the same
+assignment from its own rows, no second round. Otherwise every rank posts its rows and every rank
+runs :func:`resolve` on the same data, so all of them reach the same plan or the same
+:class:`~lightning_ckpt.errors.PlanError`.
+
+Everything here is pure: no I/O, no ``torch.distributed``.
+
+Example:
+    >>> rows = [["state_dict/w", "float32", [4, 4], 64, "replicated"],
+    ...         ["state_dict/bn.mean", "float32", [4], 16, "rank0"]]
+    >>> specs = resolve({0: rows, 1: rows}, group=[0, 1])
+    >>> [(s.key, s.placement.value) for s in specs]
+    [('state_dict/w', 'replicated'), ('state_dict/bn.mean', 'rank0')]
+    >>> assign(specs, 2)  # the leader writes rank 0's buffer, the other rank the replicated weight
+    [['state_dict/bn.mean'], ['state_dict/w']]
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import heapq
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_ckpt.errors import PlanError
+
+__all__ = [
+    "Placement",
+    "ReplicatedTest",
+    "TensorSpec",
+    "assign",
+    "digest",
+    "local_plan",
+    "replicated_test",
+    "resolve",
+]
+
+ReplicatedTest = Callable[[str, torch.Tensor], bool]
+"""``(key, tensor) -> bool``: whether this rank claims ``tensor`` is identical on every rank."""
+
+
+class Placement(str, enum.Enum):
+    """Where a tensor's bytes come from (see the module docstring)."""
+
+    REPLICATED = "replicated"
+    RANK0 = "rank0"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of the plan: what every rank agreed on.
+
+    Attributes:
+        key: the ``/``-joined path in the checkpoint dict.
+        dtype: ``str`` of the torch dtype without the ``torch.`` prefix.
+        shape: the tensor's shape.
+        nbytes: its size in bytes.
+        placement: where its bytes come from.
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    placement: Placement
+
+
+def replicated_test(replicated: Any) -> ReplicatedTest | None:
+    """Normalise the ``replicated=`` argument of a save: ``None``, a collection of keys, or a callable.
+
+    Example:
+        >>> test = replicated_test(["state_dict/w"])
+        >>> test("state_dict/w", torch.ones(1)), test("state_dict/bn.mean", torch.ones(1))
+        (True, False)
+    """
+    if replicated is None:
+        return None
+    if callable(replicated):
+        return replicated
+    if isinstance(replicated, (str, bytes)) or not all(isinstance(k, str) for k in replicated):
+        from lightning_ckpt.errors import ConfigError
+
+        raise ConfigError(
+            "replicated",
+            replicated,
+            "['state_dict/layer.weight', ...] (keys as lightning-ckpt inspect shows them), a callable"
+            " (key, tensor) -> bool, or None (every tensor is written from rank 0's copy)",
+        )
+    keys = frozenset(replicated)
+    return lambda key, tensor: key in keys
+
+
+def local_plan(tensors: Mapping[str, torch.Tensor], is_replicated: ReplicatedTest | None) -> list[list[Any]]:
+    """This rank's rows ``[key, dtype, shape, nbytes, claim]``, JSON-able, in the order of ``tensors``.
+
+    Example:
+        >>> local_plan({"w": torch.zeros(2, 3)}, lambda key, t: True)
+        [['w', 'float32', [2, 3], 24, 'replicated']]
+    """
+    rows = []
+    for key, tensor in tensors.items():
+        claim = Placement.REPLICATED if is_replicated is not None and is_replicated(key, tensor) else Placement.RANK0
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        rows.append([key, dtype, list(tensor.shape), tensor.numel() * tensor.element_size(), claim.value])
+    return rows
+
+
+def digest(rows: Sequence[Sequence[Any]]) -> str:
+    """A short fingerprint of a local plan: equal digests mean equal plans.
+
+    Example:
+        >>> digest([["w", "float32", [2], 8, "rank0"]]) == digest([["w", "float32", [2], 8, "rank0"]])
+        True
+    """
+    return hashlib.sha1(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def specs_of(rows: Sequence[Sequence[Any]]) -> list[TensorSpec]:
+    """The plan of a group whose ranks all posted these rows (claims are agreed)."""
+    return [
+        TensorSpec(key, dtype, tuple(shape), int(nbytes), Placement(claim)) for key, dtype, shape, nbytes, claim in rows
+    ]
+
+
+def resolve(plans: Mapping[int, Sequence[Sequence[Any]]], group: Sequence[int]) -> list[TensorSpec]:
+    """The group's plan from every member's rows; raises :class:`PlanError` if it cannot be saved correctly.
+
+    The key set is the leader's (``group[0]``), as stock Lightning saves rank 0's dict. A tensor is
+    ``replicated`` only if every member claims so with the same dtype and shape; anything else the
+    leader holds is ``rank0``. A tensor some member holds but the leader does not is refused: its
+    values exist nowhere the leader could write them from.
+
+    Example:
+        >>> rank0 = [["w", "float32", [2], 8, "replicated"], ["bn", "float32", [2], 8, "rank0"]]
+        >>> rank1 = [["w", "float32", [2], 8, "replicated"]]  # e.g. a buffer only rank 0 has
+        >>> [(s.key, s.placement.value) for s in resolve({0: rank0, 1: rank1}, [0, 1])]
+        [('w', 'replicated'), ('bn', 'rank0')]
+        >>> try:
+        ...     resolve({0: [], 1: rank1}, [0, 1])
+        ... except PlanError as err:
+        ...     print(str(err)[:44])
+        tensor 'w' is held by rank 1 but not by rank
+    """
+    leader = group[0]
+    by_rank = {rank: {row[0]: row for row in plans[rank]} for rank in group}
+    for rank in group[1:]:
+        extra = [key for key in by_rank[rank] if key not in by_rank[leader]]
+        if extra:
+            raise PlanError(
+                f"tensor {extra[0]!r} is held by rank {rank} but not by rank {leader}, the rank whose checkpoint"
+                f" dict is saved (as stock Lightning saves rank 0's); {len(extra)} such tensor(s). Nothing was"
+                " written. Make every rank's checkpoint dict hold the same keys, or give each rank its own"
+                " checkpoint with '{rank}' in the filename"
+            )
+    specs = []
+    for key, dtype, shape, nbytes, claim in plans[leader]:
+        same = all(
+            (row := by_rank[rank].get(key)) is not None and row[1] == dtype and list(row[2]) == list(shape)
+            and row[4] == Placement.REPLICATED.value
+            for rank in group
+        )  # fmt: skip
+        placement = Placement.REPLICATED if claim == Placement.REPLICATED.value and same else Placement.RANK0
+        specs.append(TensorSpec(key, dtype, tuple(shape), int(nbytes), placement))
+    return specs
+
+
+def assign(specs: Sequence[TensorSpec], parts: int) -> list[list[str]]:
+    """Which keys each member of a group writes (index 0 is the leader); deterministic.
+
+    ``rank0`` tensors go to the leader; then ``replicated`` tensors, largest first, each to the
+    member with the fewest bytes so far (ties: lower index), so every member ends within one
+    replicated tensor of the others whenever the leader's ``rank0`` bytes are below the mean share.
+
+    Example:
+        >>> specs = [TensorSpec(k, "float32", (n,), 4 * n, Placement.REPLICATED) for k, n in (("a", 25), ("b", 15))]
+        >>> assign([*specs, TensorSpec("bn", "float32", (10,), 40, Placement.RANK0)], 2)
+        [['bn', 'b'], ['a']]
+    """
+    if parts < 1:
+        raise ValueError(f"parts={parts} must be at least 1")
+    assignment: list[list[str]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for spec in specs:
+        if spec.placement is Placement.RANK0:
+            assignment[0].append(spec.key)
+            load[0] += spec.nbytes
+    heap = [(load[index], index) for index in range(parts)]
+    heapq.heapify(heap)
+    replicated = [s for s in specs if s.placement is Placement.REPLICATED]
+    for spec in sorted(replicated, key=lambda s: (-s.nbytes, s.key)):
+        size, index = heapq.heappop(heap)
+        assignment[index].append(spec.key)
+        heapq.heappush(heap, (size + spec.nbytes, index))
+    return assignment
