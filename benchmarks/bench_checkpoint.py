@@ -301,17 +301,20 @@ class DcpAsyncPeer(DcpPeer):
 class OursPeer(Peer):
     key, label, all_ranks = "ours_sync", "ours ShardedCheckpointIO(async_save=False)", True
     async_flag = False
+    verify_replicas = False
     note = "1 rank: save_checkpoint; 2 ranks: save_collective (each rank writes ~1/N)"
 
     def __init__(self, ctx: Ctx) -> None:
         super().__init__(ctx)
         from lightning_ckpt import ShardedCheckpointIO
 
-        self.io = ShardedCheckpointIO(async_save=self.async_flag, barrier_timeout_s=300.0)
+        self.io = ShardedCheckpointIO(
+            async_save=self.async_flag, barrier_timeout_s=300.0, verify_replicas=self.verify_replicas
+        )
 
     def save(self, state: dict[str, Any], path: str) -> None:
-        if self.ctx.world > 1:
-            self.io.save_collective(state, path)
+        if self.ctx.world > 1:  # the state is the same on every rank, as DDP's parameters: split by bytes
+            self.io.save_collective(state, path, replicated=lambda key, tensor: True)
         else:
             self.io.save_checkpoint(state, path)
 
@@ -338,6 +341,11 @@ class OursAsyncPeer(OursPeer):
     note = "returns once tensors are copied into reused staging buffers; commits in a thread"
 
 
+class OursVerifyPeer(OursPeer):
+    key, label, verify_replicas = "ours_verify", "ours ShardedCheckpointIO(verify_replicas=True)", True
+    note = "as ours_sync, plus a CRC32 of every replicated tensor compared across ranks before writing"
+
+
 PEERS: list[type[Peer]] = [
     TorchIOPeer,
     AsyncIOPeer,
@@ -347,6 +355,7 @@ PEERS: list[type[Peer]] = [
     SafetensorsPeer,
     OursPeer,
     OursAsyncPeer,
+    OursVerifyPeer,
 ]
 
 # -- measurement -----------------------------------------------------------------------------------------
@@ -725,6 +734,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             med(r, "torch_io", "load_s"), med(r, "ours_sync", "load_s")
         )
         out["dcp.load / ours load"] = ratio(med(r, "dcp", "load_s"), med(r, "ours_sync", "load_s"))
+    for world, rows in results.items():
+        out[f"{world} rank(s) verify_replicas=True / ours_sync durable"] = ratio(
+            med(rows.get("rows", {}), "ours_verify", "durable_s"), med(rows.get("rows", {}), "ours_sync", "durable_s")
+        )
     two = results.get("2", {}).get("rows", {})
     if one and two:
         for key in ("ours_sync", "ours_async", "dcp", "torch_io", "limit_write_direct"):

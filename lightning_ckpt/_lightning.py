@@ -229,25 +229,36 @@ def replicated_test(trainer: Trainer) -> Callable[[str, torch.Tensor], bool] | N
     return is_replicated
 
 
-def check_strategy_savable(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+def check_strategy_savable(trainer: Trainer, checkpoint: dict[str, Any] | None = None) -> None:
     """Refuse, on every rank alike, what a collective save cannot write correctly under this trainer's strategy.
 
     FSDP and ModelParallel strategies give each rank sharded tensors (``DTensor``, ``ShardedTensor``)
     or gather a full dict on rank 0 only; their own loaders read neither this format nor a dict
     missing a rank's shards. The decision depends on the strategy type alone, which every rank shares,
-    so every rank raises here before any rank posts anything.
+    so every rank raises here before any rank posts anything. Without ``checkpoint`` (at the start of
+    ``fit``, before any training time is spent) the example key comes from the module's parameters.
     """
     strategy = trainer.strategy
     if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or trainer.world_size == 1:
         return
     from lightning_ckpt.errors import PlanError
-    from lightning_ckpt.sharded import find_distributed_tensor
+    from lightning_ckpt.sharded import distributed_tensor_kind, find_distributed_tensor
 
-    found = find_distributed_tensor(checkpoint)
-    if found is not None:
+    if checkpoint is None:
+        names = [f"state_dict/{name}" for name, _ in trainer.lightning_module.named_parameters()]
+        kinds = [distributed_tensor_kind(p) for _, p in trainer.lightning_module.named_parameters()]
+        full = not getattr(strategy, "_save_distributed_checkpoint", True) or getattr(
+            strategy, "_state_dict_type", "sharded"
+        ) == "full"
+        sharded = next((i for i, kind in enumerate(kinds) if kind), 0)
+        found = (names[sharded], "" if full else kinds[sharded] or "ShardedTensor") if names else None
+    else:
+        found = find_distributed_tensor(checkpoint)
+    if found is not None and found[1]:
         what = f"its checkpoint dict holds {found[1]} values (e.g. {found[0]!r}) sharded across ranks"
     else:
-        what = "it gathers a full state dict on rank 0 only, which its own loader cannot resume from this format"
+        example = f" (e.g. {found[0]!r})" if found else ""
+        what = f"it gathers the full state dict{example} on rank 0 only, which its own loader cannot resume"
     raise PlanError(
         f"CheckpointSaver cannot save under {type(strategy).__name__} yet: {what}. Nothing was written."
         " Remove the CheckpointSaver (and the ShardedCheckpointIO plugin) for this strategy and use Lightning's"

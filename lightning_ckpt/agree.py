@@ -195,9 +195,11 @@ def _verify_replicas(
                 if expected.get(key, crc) != crc:
                     raise PlanError(
                         f"verify_replicas: tensor {key!r} differs between rank {group[0]} and rank {rank}, although"
-                        " the plan found it replicated (a LightningModule parameter or its optimizer state under"
-                        " DDP). Nothing was written. Something changed it on one rank only (an update outside"
-                        " DDP's all-reduce); fix that, or save one checkpoint per rank with '{rank}' in the filename"
+                        " the save plan treats it as replicated (under DDP a LightningModule parameter or its"
+                        " optimizer state; with the plugin alone, named in save_collective(replicated=...))."
+                        " Nothing was written. Something changed it on one rank only (an update outside DDP's"
+                        " all-reduce): fix that, leave it out of `replicated` so rank 0's copy is saved, or save"
+                        " one checkpoint per rank with '{rank}' in the filename"
                     )
 
 

@@ -469,6 +469,7 @@ class CheckpointSaver(Checkpoint):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Remove what interrupted saves left, adopt the resumed run's id and checkpoints (for rotation),
         refuse a folder with newer checkpoints unless ``overwrite``, and start the schedule's clock."""
+        _lightning.check_strategy_savable(trainer)  # a strategy whose saves would be refused: before any training
         storage, folder = self._storage(trainer)
         if self.lock_folder:  # this run owns the folder: nothing else is saving there
             self._remove_leftovers(trainer, storage, folder)

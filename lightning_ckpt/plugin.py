@@ -176,6 +176,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self._loads = 0
         self._nonce: str | None = None
         self._peers: dict[str, list[int]] = {}
+        self._local_only: dict[str, list[str]] = {}  # node cache -> checkpoints committed there and never uploaded
         self._previous: Exchange | None = None
         self._redirects: dict[str, list[str]] = {}
         self.skipped: list[str] = []  # checkpoints "last" fell back past (they did not verify)
@@ -235,9 +236,12 @@ class ShardedCheckpointIO(CheckpointIO):
         """Save from every rank at once (all ranks must call this together).
 
         For a remote ``path`` the checkpoint is committed in ``local_folder`` (default: a cache
-        directory for that remote folder) and uploaded in the background. ``after_commit`` runs on
-        the committing rank once the checkpoint is committed where it is kept (in the store for a
-        remote ``path``): the place for rotation. ``async_save`` overrides the plugin's setting.
+        directory for that remote folder) and uploaded in the background by the writer group of
+        rank 0 alone: with node-local caches each node commits its own complete copy, and only rank
+        0's copy (one plan, rank 0's values) becomes the remote checkpoint; other nodes keep their
+        newest copy for a local resume. ``after_commit`` runs on the committing rank once the
+        checkpoint is committed where it is kept (in the store for a remote ``path``): the place for
+        rotation. ``async_save`` overrides the plugin's setting.
 
         ``replicated`` names the tensors that are identical on every rank by construction (keys as
         ``lightning-ckpt inspect`` shows them, e.g. ``"state_dict/layer.weight"``, or a test
@@ -294,6 +298,9 @@ class ShardedCheckpointIO(CheckpointIO):
                 if after_commit is not None and result.leader:
                     after_commit()
                 return
+            if 0 not in result.group:  # another node's cache: its bytes follow its own leader's plan, never uploaded
+                self._keep_newest_local_copy(result)
+                return
             self._submit_upload(result, remote_storage, remote_target, latest_filename, upload_key, after_commit, stats)
 
         result = self._run_save(
@@ -304,6 +311,16 @@ class ShardedCheckpointIO(CheckpointIO):
             return SaveResult(path=remote_storage.url(remote_target), group=result.group, leader=result.leader,
                               files=result.files)  # fmt: skip
         return result
+
+    def _keep_newest_local_copy(self, local: SaveResult) -> None:
+        """A node cache whose writer group lacks rank 0 uploads nothing (every object of a remote checkpoint comes
+        from rank 0's group, one plan); it keeps its newest committed copy for a local resume, nothing older."""
+        if not local.leader:
+            return
+        root, name = os.path.split(local.path.rstrip("/"))
+        earlier = self._local_only.setdefault(root, [])
+        prune_local_copies(root, keep=name, uploaded=earlier)
+        earlier[:] = [name]
 
     def _submit_upload(
         self,

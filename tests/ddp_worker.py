@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO, WriterHook
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
@@ -84,6 +84,23 @@ class BatchNormRegressor(TinyRegressor):
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 3, gamma=0.5)}
 
 
+class ShardedRegressor(TinyRegressor):
+    """TinyRegressor whose ``configure_model`` shards its layers with FSDP2 (``fully_shard``) on the
+    ``data_parallel`` mesh of ``ModelParallelStrategy``: its state dict holds ``DTensor`` shards."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
+
+
 class DumpState(L.Callback):
     """Writes this rank's whole checkpoint dict (parameters, buffers, optimizer, scheduler, loops, callbacks)
     at every save (``<prefix>.rank<r>.step<s>.pt``, the values being saved) and at the end of training
@@ -141,6 +158,17 @@ class RecordingHook(WriterHook):
         self._record("post_commit", path, kwargs["rank"])
 
 
+def _strategy(args: argparse.Namespace) -> Any:
+    if args.model == "fsdp2":
+        sharded = not args.full_state_dict
+        return ModelParallelStrategy(
+            data_parallel_size=args.devices, tensor_parallel_size=1, save_distributed_checkpoint=sharded
+        )
+    if args.devices * args.num_nodes > 1 or "LOCAL_RANK" in os.environ:
+        return DDPStrategy(bucket_cap_mb=1e-6, start_method="spawn" if args.spawn else "popen")
+    return "auto"  # one plain process: no process group
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--folder", required=True)
@@ -170,7 +198,8 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--mark-steps", default=None, help="publish pid and step under this prefix")
     p.add_argument("--step-sleep", type=float, default=0.0)
-    p.add_argument("--model", choices=["tiny", "batchnorm"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "batchnorm", "fsdp2"], default="tiny")
+    p.add_argument("--full-state-dict", action="store_true", help="fsdp2: rank 0 gathers the full state dict")
     p.add_argument("--dump-state", default=None, help="DumpState under this prefix")
     p.add_argument("--no-validation", action="store_true", help="no validation (DDP's eval forward syncs buffers)")
     args = p.parse_args()
@@ -220,14 +249,12 @@ def main() -> int:
         # One gradient bucket per parameter: DDP rebuilds its bucket layout after the first step of
         # every process, so with 3+ ranks a resumed run would otherwise sum gradients in a different
         # float order than an uninterrupted one (2 ranks are exact either way).
-        strategy=DDPStrategy(bucket_cap_mb=1e-6, start_method="spawn" if args.spawn else "popen")
-        if args.devices * args.num_nodes > 1 or "LOCAL_RANK" in os.environ
-        else "auto",  # one plain process: no process group
+        strategy=_strategy(args),
         devices=args.devices,
         num_nodes=args.num_nodes,
         **({"limit_val_batches": 0} if args.no_validation else {}),
     )
-    model = BatchNormRegressor() if args.model == "batchnorm" else TinyRegressor()
+    model = {"tiny": TinyRegressor, "batchnorm": BatchNormRegressor, "fsdp2": ShardedRegressor}[args.model]()
     try:
         trainer.fit(model, ckpt_path=args.ckpt_path or ("last" if args.resume else None))
     except Exception as err:

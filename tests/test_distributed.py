@@ -44,12 +44,14 @@ def run_ddp(nproc: int, *args: str, timeout: float = 180) -> subprocess.Complete
     )
 
 
-def run_two_nodes(*args: str, timeout: float = 180) -> list[subprocess.CompletedProcess[str]]:
+def run_two_nodes(
+    *args: str, timeout: float = 180, env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess[str]]:
     """Two torchrun launchers on 127.0.0.1, one process each, like two single-GPU nodes.
 
     ``{node}`` in an argument becomes the launcher's node rank (for per-node local paths).
     """
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **(env or {})}
     port = _free_port()
     procs = [
         subprocess.Popen(

@@ -8,6 +8,9 @@ Lightning saves rank 0's copy; so must a collective save, or the resumed model i
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +18,21 @@ import pytest
 import torch
 
 from lightning_ckpt import read_checkpoint
+from lightning_ckpt.storage import Storage
 
 from .s3_server import S3Bucket
-from .test_distributed import _ok, run_ddp
+from .test_distributed import ROOT, _free_port, _ok, run_ddp, run_two_nodes
+
+PLAN_WORKER = str(Path(__file__).with_name("plan_worker.py"))
 
 BUFFERS = ("net.1.running_mean", "net.1.running_var", "net.1.num_batches_tracked", "input_sum")
+
+
+def run_ddp_script(script: str, nproc: int, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    command += [f"--master_port={_free_port()}", script, *args]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, check=False)
 
 
 def _bn_run(root: Path, *extra: str) -> Any:
@@ -108,3 +121,73 @@ def test_kill_then_resume_last_equals_uninterrupted_in_every_tensor(
         full = torch.load(uninterrupted / f"state.rank{rank}.final.pt", weights_only=False)
         assert resumed["global_step"] == full["global_step"] == 12
         assert_bitwise_equal(resumed, full)
+
+
+def test_two_nodes_with_own_caches_upload_rank0s_copy_only(
+    uninterrupted: Path, tmp_path: Path, s3_bucket: S3Bucket
+) -> None:
+    """Two nodes (one rank each), separate local caches, one S3 folder: each node commits its own complete
+    copy (node 1's holds rank 1's buffers), and only rank 0's is uploaded, so every object of a remote
+    checkpoint comes from one plan. Rank 1 is killed if it ever uploads a file."""
+    endpoint = s3_bucket.storage_options["client_kwargs"]["endpoint_url"]
+    folder = f"{s3_bucket.url}/run"
+    local = str(tmp_path / "node{node}")
+    results = run_two_nodes(
+        "--model", "batchnorm", "--epochs", "3", "--no-validation", "--dump-state", str(tmp_path / "state"),
+        "--s3-endpoint", endpoint, "--folder", folder, "--local-folder", f"{local}/ckpts", "--cache-dir",
+        f"{local}/cache", env={"LIGHTNING_CKPT_KILL_AT": "upload.during@1"},
+    )  # fmt: skip
+    for result in results:
+        _ok(result)
+    for step in (4, 8, 12):
+        url = f"{folder}/ep{step // 4 - 1}-ba{step}"
+        remote = read_checkpoint(url, storage_options=s3_bucket.storage_options)
+        storage, path = Storage.open(f"{url}/manifest.json", s3_bucket.storage_options)
+        assert json.loads(storage.read_bytes(path))["metadata"]["writer_ranks"] == [0]
+        rank0 = torch.load(tmp_path / f"state.rank0.step{step}.pt")
+        for key, value in rank0.items():
+            assert torch.equal(remote["state_dict"][key], value), (step, key)
+    node1 = tmp_path / "node1" / "ckpts"
+    kept = [p.name for p in node1.iterdir() if not p.is_symlink() and (p / "manifest.json").exists()]
+    assert kept == ["ep2-ba12"], "node 1 keeps its newest local copy only"
+    node1_copy = read_checkpoint(str(node1 / "ep2-ba12"))["state_dict"]
+    rank1 = torch.load(tmp_path / "state.rank1.step12.pt")
+    assert all(torch.equal(node1_copy[k], rank1[k]) for k in rank1), "node 1's cache holds its own rank's view"
+    final = torch.load(tmp_path / "state.rank0.final.pt", weights_only=False)
+    assert_bitwise_equal(final, torch.load(uninterrupted / "state.rank0.final.pt", weights_only=False))
+
+
+@pytest.mark.parametrize("state", ["sharded", "full"])
+def test_fsdp2_save_is_refused_on_every_rank_before_training_and_nothing_is_written(tmp_path: Path, state: str) -> None:
+    """ModelParallelStrategy with ``fully_shard``: DTensor shards (``sharded``) would be pickled from rank 0
+    alone; a rank-0 full dict (``full``) would not load back. Both are refused on both ranks, naming the
+    strategy, a key and the way out, before a step is trained; the folder holds no checkpoint."""
+    folder = tmp_path / "ckpts"
+    extra = ["--full-state-dict"] if state == "full" else []
+    out = run_ddp(
+        2, "--model", "fsdp2", "--folder", str(folder), "--epochs", "1", "--mark-steps", str(tmp_path / "m"), *extra
+    )
+    assert out.returncode != 0
+    failures = [line for line in out.stderr.splitlines() if line.startswith("FAILED rank=")]
+    assert sorted(line.split()[1] for line in failures) == ["rank=0", "rank=1"], out.stderr[-3000:]
+    for line in failures:
+        assert "CheckpointSaver cannot save under ModelParallelStrategy" in line
+        assert "'state_dict/net.0.weight'" in line and "ModelCheckpoint" in line and "strategy='ddp'" in line
+        assert ("DTensor values" in line) == (state == "sharded")
+    assert not list(tmp_path.glob("m.rank*.step")), "the refusal came after training had started"
+    assert not [p for p in folder.rglob("*") if p.name != ".lightning_ckpt.lock"]
+
+
+def test_plugin_alone_refuses_rank_dependent_keys_and_differing_replicas_on_every_rank(tmp_path: Path) -> None:
+    """``save_collective`` from Fabric on 2 ranks: a key only rank 1 holds, and (with ``verify_replicas=True``)
+    a tensor declared replicated whose values differ, each fail with ``PlanError`` on both ranks naming
+    the key; nothing is committed. Equal replicas save and read back."""
+    out = run_ddp_script(PLAN_WORKER, 2, "--folder", str(tmp_path / "ck"), "--results", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = [json.loads((tmp_path / f"r.rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, outcome in enumerate(results):
+        assert outcome["extra_key"].startswith("PlanError: tensor 'only_rank1' is held by rank 1 but not by rank 0")
+        assert outcome["differs"].startswith("PlanError") and "'b'" in outcome["differs"], outcome["differs"]
+        assert "rank 1" in outcome["differs"]
+        assert (outcome["equal"], outcome.get("equal_loads")) == ("ok", "True"), (rank, outcome)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir() if not p.name.startswith(".")) == ["c"]
