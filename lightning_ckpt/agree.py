@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,14 +123,20 @@ def agree_on_plan(
     peers: Sequence[int],
     replicated: ReplicatedTest | None,
     verify_replicas: bool = False,
+    precheck: Callable[[], object] | None = None,
 ) -> AgreedPlan:
-    """Steps 1-5 of the module docstring; raises on every rank, or returns this rank's part of the plan."""
+    """Steps 1-5 of the module docstring; raises on every rank, or returns this rank's part of the plan.
+
+    ``precheck`` runs first on each rank (e.g. whether its target may be replaced); its error too is
+    raised on every rank."""
     error: Exception | None = None
     skeleton: Any = None
     tensors: dict[str, torch.Tensor] = {}
     rows: list[list[Any]] = []
     info: dict[str, Any] = {}
     try:
+        if precheck is not None:
+            precheck()
         skeleton, tensors, rows, info = _local_part(checkpoint, replicated)
     except Exception as err:  # refused on every rank below
         error = err

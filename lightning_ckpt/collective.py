@@ -53,7 +53,7 @@ from lightning_ckpt.checkpoint import (
     write_objects,
     write_prepared_shard,
 )
-from lightning_ckpt.commit import commit_dir, stage_dir, update_latest
+from lightning_ckpt.commit import check_target, commit_dir, stage_dir, update_latest
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import PlanError
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
@@ -243,6 +243,7 @@ def prepare_save(
         peers=peers,
         replicated=replicated_test(replicated),
         verify_replicas=verify_replicas,
+        precheck=lambda: check_target(storage, target),  # a user's file or folder there: refused on every rank
     )
     if previous is not None:
         previous.cleanup()
