@@ -7,6 +7,7 @@ up; ``Model.load_from_checkpoint``, ``ckpt_path=`` and ``read_checkpoint`` take 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -22,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO, TargetExistsError, read_checkpoint
 from lightning_ckpt.commit import STALE_AFTER_S
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
-from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.errors import ConfigError, CorruptCheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -318,3 +320,18 @@ def test_read_checkpoint_takes_a_legacy_file_a_pointer_and_a_folder(tmp_path: Pa
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"path='.*empty': the folder holds no committed checkpoint"):
         read_checkpoint(str(empty))
+
+
+@pytest.mark.parametrize("key, value", [("global_step", "forty"), ("epoch", 1.5), ("global_step", torch.tensor(0.5))])
+def test_a_non_int_step_or_epoch_is_named_and_nothing_is_written(tmp_path: Path, key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"checkpoint\['{key}'\].*an int") as raised:
+        ShardedCheckpointIO().save_checkpoint({key: value, "w": torch.ones(2)}, str(tmp_path / "ba1"))
+    assert raised.value.argument == f"checkpoint[{key!r}]"
+    assert os.listdir(tmp_path) == []
+
+
+def test_int_like_steps_are_accepted(tmp_path: Path) -> None:
+    io = ShardedCheckpointIO()
+    io.save_checkpoint({"global_step": torch.tensor(7), "epoch": np.int64(1), "w": torch.ones(2)}, str(tmp_path / "a"))
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert (manifest["global_step"], manifest["epoch"]) == (7, 1)
