@@ -1,9 +1,7 @@
 """Read one committed checkpoint: its manifest, verified files, tensors and non-tensor objects.
 
-Local shards are memory-mapped (``torch.UntypedStorage.from_file``, private mapping) after asking
-the kernel to read them ahead in large requests: tensors are views into the page cache, so
-loading allocates no second full-size copy and the model's ``load_state_dict`` copies straight
-from the mapping into the existing parameters. Remote shards are read into one buffer each.
+Every loaded tensor has memory of its own, as from ``torch.load``: keeping, changing or saving one
+never holds or writes the rest of its shard (how the files are read: :mod:`lightning_ckpt.file_reads`).
 
 Verification: sizes always; CRC32 checksums unless ``verify_checksums=False`` (on all cores, see
 :mod:`lightning_ckpt.checksum`). Every failure is
@@ -31,7 +29,8 @@ import torch
 from lightning_ckpt import layout
 from lightning_ckpt.checksum import checksum_string, parallel_crc32
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, ConfigTypeError, CorruptCheckpointError
-from lightning_ckpt.manifest import FileEntry, Manifest
+from lightning_ckpt.file_reads import byte_view, load_file, read_ahead, read_whole, tensors_to_map
+from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
 from lightning_ckpt.storage import Storage, check_url
 from lightning_ckpt.tree import merge_tensors
 
@@ -102,16 +101,16 @@ def verify_files(storage: Storage, ckpt_dir: str, manifest: Manifest, *, checksu
         _check_size(storage, ckpt_dir, entry)
         if checksums:
             data = _read_file(storage, ckpt_dir, entry)
-            _check_checksum(storage, ckpt_dir, entry, _byte_view(data))
+            _check_checksum(storage, ckpt_dir, entry, byte_view(data))
 
 
 def _read_file(storage: Storage, ckpt_dir: str, entry: FileEntry) -> torch.Tensor:
-    """The file's bytes as a uint8 tensor: memory-mapped locally, one read remotely."""
+    """The file's bytes as a uint8 tensor, to verify it: memory-mapped locally, one read remotely."""
     path = storage.join(ckpt_dir, entry.name)
     if entry.size == 0:
         return torch.empty(0, dtype=torch.uint8)
     if storage.is_local:
-        _read_ahead(path)
+        read_ahead(path)
         return torch.from_file(path, shared=False, size=entry.size, dtype=torch.uint8)
     buffer = torch.empty(entry.size, dtype=torch.uint8)
     view = buffer.numpy().data.cast("B")
@@ -127,41 +126,8 @@ def _read_file(storage: Storage, ckpt_dir: str, entry: FileEntry) -> torch.Tenso
     return buffer
 
 
-def _read_ahead(path: str) -> None:
-    """Ask the kernel to read the whole file into the page cache now, in large requests.
-
-    The mapping is then read by page faults (checksum pass, then the copy into the model); without
-    this hint each fault reads only the default readahead window, which made cold loads 2-2.5x
-    slower on the development disk (1.27 s vs 0.54 s for 1 GiB).
-    """
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
-
-
-def _byte_view(data: torch.Tensor) -> memoryview:
-    return data.numpy().data.cast("B") if data.numel() else memoryview(b"")
-
-
-def _tensor_from(
-    file_bytes: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], offset: int, nbytes: int
-) -> torch.Tensor:
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    if offset % itemsize == 0:
-        strides = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            strides[i] = strides[i + 1] * shape[i + 1]
-        return torch.empty(0, dtype=dtype).set_(file_bytes.untyped_storage(), offset // itemsize, shape, strides)
-    return file_bytes[offset : offset + nbytes].clone().view(dtype).reshape(shape)
-
-
 def _apply_map_location(tensor: torch.Tensor, saved_device: str, map_location: MapLocation) -> torch.Tensor:
+    """Place a loaded CPU tensor as ``torch.load`` would with ``map_location`` (``None``: stay on the CPU)."""
     if map_location is None:
         return tensor
     if isinstance(map_location, (str, torch.device)):
@@ -169,10 +135,28 @@ def _apply_map_location(tensor: torch.Tensor, saved_device: str, map_location: M
     if isinstance(map_location, dict):
         target = map_location.get(saved_device, saved_device)
         return tensor if target == "cpu" else tensor.to(target)
-    moved = map_location(tensor.untyped_storage(), "cpu")
-    if isinstance(moved, torch.UntypedStorage) and moved.device != tensor.device:
-        return tensor.to(moved.device)
-    return tensor
+    return _call_map_location(map_location, tensor, saved_device)
+
+
+def _call_map_location(function: Callable[..., Any], tensor: torch.Tensor, saved_device: str) -> torch.Tensor:
+    """``torch.load``'s contract: called with the tensor's own CPU storage and its saved location.
+
+    A storage returned is where the tensor lives; ``None`` keeps the CPU storage (as ``map_location=None``).
+    """
+    placed = function(tensor.untyped_storage(), saved_device)
+    if placed is None:
+        return tensor
+    if isinstance(placed, torch.TypedStorage):
+        placed = placed.untyped()
+    if not isinstance(placed, torch.UntypedStorage):
+        raise ConfigTypeError(
+            "map_location",
+            function,
+            "lambda storage, location: storage.cuda() (a storage, or None to keep it on the CPU)",
+            f"It returned {type(placed).__name__} for a tensor saved on {saved_device!r}",
+        )
+    placed_tensor = torch.empty(0, dtype=tensor.dtype, device=placed.device)
+    return placed_tensor.set_(placed, 0, tensor.shape, tensor.stride())
 
 
 def load_checkpoint_dir(
@@ -185,32 +169,46 @@ def load_checkpoint_dir(
 ) -> dict[str, Any]:
     """Load the committed checkpoint at ``ckpt_dir`` into the dict that was saved.
 
+    Every tensor is read into memory of its own (never a view of a shared buffer), so it can be
+    kept, modified or saved again on its own, as a tensor from ``torch.load``.
+
     Args:
         storage: the storage holding it.
         ckpt_dir: the checkpoint directory.
-        map_location: like ``torch.load``'s: a device, a ``{saved: target}`` dict or a callable.
+        map_location: like ``torch.load``'s: a device, a ``{saved: target}`` dict or a callable
+            ``(storage, location)`` called once per tensor with its own CPU storage and the device it
+            was saved from (``"cpu"``, ``"cuda:0"``), returning a storage (or ``None``: stay on the CPU).
             ``None`` keeps tensors on the CPU, where Lightning copies them into the model.
         weights_only: read ``objects.pt`` with ``torch.load(weights_only=...)``; ``None`` means ``True``.
         verify_checksums: compare each file's CRC32 with the manifest.
+
+    Example:
+        >>> import tempfile, torch, os
+        >>> from lightning_ckpt.collective import save_checkpoint_dir
+        >>> path = save_checkpoint_dir({"w": torch.ones(3), "b": torch.zeros(1)}, os.path.join(tempfile.mkdtemp(), "c"))
+        >>> storage, directory = Storage.open(path)
+        >>> seen = []
+        >>> loaded = load_checkpoint_dir(storage, directory, map_location=lambda s, loc: seen.append((s.nbytes(), loc)))
+        >>> sorted(seen), loaded["w"].untyped_storage().nbytes()
+        ([(4, 'cpu'), (12, 'cpu')], 12)
     """
     _check_load_arguments(map_location, weights_only)
     manifest = read_manifest(storage, ckpt_dir)
     for entry in manifest.files:
         _check_size(storage, ckpt_dir, entry)
-    file_bytes: dict[str, torch.Tensor] = {}
-    for entry in manifest.files:
-        data = _read_file(storage, ckpt_dir, entry)
-        if verify_checksums:
-            _check_checksum(storage, ckpt_dir, entry, _byte_view(data))
-        file_bytes[entry.name] = data
-    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[TensorEntry]] = {entry.name: [] for entry in manifest.files}
     for t in manifest.tensors.values():
-        dtype = getattr(torch, t.dtype)
-        tensor = _tensor_from(file_bytes[t.file], dtype, t.shape, t.offset, t.nbytes)
-        tensors[t.key] = _apply_map_location(tensor, t.device, map_location)
+        by_file[t.file].append(t)
+    loaded: dict[str, torch.Tensor] = {}
+    mapped = tensors_to_map(storage, manifest)
+    for entry in manifest.files:
+        if entry.name != manifest.objects_file or by_file[entry.name]:  # objects.pt is read on its own below
+            loaded.update(load_file(storage, ckpt_dir, entry, by_file[entry.name], mapped, verify_checksums))
+    tensors = {t.key: _apply_map_location(loaded.pop(t.key), t.device, map_location) for t in manifest.tensors.values()}
     skeleton: Any = {}
     if manifest.objects_file is not None:
-        skeleton = _load_objects(storage, ckpt_dir, manifest.objects_file, file_bytes, map_location, weights_only)
+        raw = read_whole(storage, ckpt_dir, manifest.file(manifest.objects_file), verify_checksums)
+        skeleton = _load_objects(storage, ckpt_dir, manifest.objects_file, raw, map_location, weights_only)
 
     def missing(key: str) -> Any:
         raise CorruptCheckpointError(f"{storage.url(ckpt_dir)}: tensor {key!r} is referenced but not in the manifest")
@@ -227,11 +225,11 @@ def _load_objects(
     storage: Storage,
     ckpt_dir: str,
     name: str,
-    file_bytes: dict[str, torch.Tensor],
+    data: bytearray,
     map_location: MapLocation,
     weights_only: bool | None,
 ) -> Any:
-    raw = io.BytesIO(_byte_view(file_bytes[name]).tobytes())
+    raw = io.BytesIO(data)
     safe = True if weights_only is None else weights_only
     location = map_location if map_location is not None else "cpu"
     try:
