@@ -247,9 +247,10 @@ def check_strategy_savable(trainer: Trainer, checkpoint: dict[str, Any] | None =
     if checkpoint is None:
         names = [f"state_dict/{name}" for name, _ in trainer.lightning_module.named_parameters()]
         kinds = [distributed_tensor_kind(p) for _, p in trainer.lightning_module.named_parameters()]
-        full = not getattr(strategy, "_save_distributed_checkpoint", True) or getattr(
-            strategy, "_state_dict_type", "sharded"
-        ) == "full"
+        full = (
+            not getattr(strategy, "_save_distributed_checkpoint", True)
+            or getattr(strategy, "_state_dict_type", "sharded") == "full"
+        )
         sharded = next((i for i, kind in enumerate(kinds) if kind), 0)
         found = (names[sharded], "" if full else kinds[sharded] or "ShardedTensor") if names else None
     else:
