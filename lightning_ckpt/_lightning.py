@@ -170,12 +170,50 @@ def _providers(trainer: Trainer) -> list[LastCheckpointProvider]:
     return [cb for cb in trainer.checkpoint_callbacks if hasattr(cb, "newest_committed")]
 
 
+def _newest_model_checkpoint_last(trainer: Trainer) -> tuple[str, float] | None:
+    """``(path, modification time)`` of the newest "last" checkpoint of the trainer's ``ModelCheckpoint``
+    callbacks (what Lightning itself resumes from for ``ckpt_path="last"``), or ``None``."""
+    from lightning.fabric.utilities.cloud_io import get_filesystem
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found: list[tuple[str, float]] = []
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and not hasattr(callback, "newest_committed"):
+            for path in callback._find_last_checkpoints(trainer):
+                if not get_filesystem(path).exists(path):
+                    continue
+                modified = get_filesystem(path).modified(path)
+                found.append((str(path), modified.timestamp() if hasattr(modified, "timestamp") else float(modified)))
+    return max(found, key=lambda item: item[1]) if found else None
+
+
+def _check_best(trainer: Trainer, fn: str) -> None:
+    """``ckpt_path="best"`` with a ``CheckpointSaver`` that kept no best checkpoint: say why, naming it
+    (Lightning's own message blames ``ModelCheckpoint``)."""
+    saver: Any = trainer.checkpoint_callback
+    if saver is None or not hasattr(saver, "newest_committed") or saver.best_model_path:
+        return
+    monitor = getattr(saver, "monitor", None)
+    if monitor is None:
+        why = "it has no monitor; pass CheckpointSaver(monitor='val_loss') to keep the best checkpoint"
+    else:
+        why = (
+            f"no save of this run found the metric {monitor!r} logged (log it with self.log({monitor!r}, ...)"
+            " before the saves, e.g. in validation_step)"
+        )
+    raise ValueError(
+        f'.{fn}(ckpt_path="best"): CheckpointSaver keeps no best checkpoint: {why}; or pass a checkpoint path,'
+        ' or ckpt_path="last"'
+    )
+
+
 def install_last_resolver() -> None:
     """Teach ``ckpt_path="last"`` about ``CheckpointSaver`` (idempotent; other callbacks unaffected).
 
     Lightning 2.x only asks ``ModelCheckpoint`` for ``"last"``. The wrapper asks every callback
-    with ``newest_committed`` first; when none has a committed checkpoint it defers to Lightning
-    (which warns and starts fresh when nothing else is found either).
+    with ``newest_committed`` first; when a ``ModelCheckpoint`` saved a "last" checkpoint too, the
+    newer of the two wins, with a warning naming both. When no ``CheckpointSaver`` has a committed
+    checkpoint it defers to Lightning (which warns and starts fresh when nothing is found either).
     """
     original = _CheckpointConnector._parse_ckpt_path
     if getattr(original, "_lightning_ckpt", False):
@@ -183,11 +221,23 @@ def install_last_resolver() -> None:
 
     @functools.wraps(original)
     def parse(self: _CheckpointConnector, state_fn: Any, ckpt_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if ckpt_path == "best":
+            _check_best(self.trainer, state_fn.value)
         providers = _providers(self.trainer) if ckpt_path == "last" else []
         if providers:
             found = [c for c in (p.newest_committed(self.trainer) for p in providers) if c is not None]
             if found:
-                return max(found, key=lambda item: item[1])[0]
+                ours = max(found, key=lambda item: item[1])
+                theirs = _newest_model_checkpoint_last(self.trainer)
+                if theirs is None:
+                    return ours[0]
+                newest, older = (theirs, ours) if theirs[1] > ours[1] else (ours, theirs)
+                rank_zero_warn(
+                    f'ckpt_path="last": both CheckpointSaver ({ours[0]}) and ModelCheckpoint ({theirs[0]}) saved a'
+                    f" last checkpoint; resuming from the newer, {newest[0]}, not {older[0]}. Pass that path as"
+                    " ckpt_path to choose explicitly, or keep one of the two callbacks."
+                )
+                return newest[0]
             others = [cb for cb in self.trainer.checkpoint_callbacks if not hasattr(cb, "newest_committed")]
             if not others:
                 rank_zero_warn(

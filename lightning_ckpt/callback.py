@@ -26,6 +26,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_ckpt import _lightning, layout
@@ -33,7 +34,14 @@ from lightning_ckpt.commit import remove_leftovers
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, FolderConflictError, FolderInUseError
-from lightning_ckpt.interval import AgreementCadence, Event, SavePoint, SaveSchedule, parse_save_interval
+from lightning_ckpt.interval import (
+    AgreementCadence,
+    Event,
+    EveryNEpochs,
+    SavePoint,
+    SaveSchedule,
+    parse_save_interval,
+)
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.plugin import ShardedCheckpointIO
@@ -57,6 +65,29 @@ def _check_bool(argument: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(argument, value, "True or False")
     return value
+
+
+def _check_names_differ(
+    filename: NameFormat,
+    schedule: SaveSchedule,
+    given: object,
+    overwrite: bool,
+    shown_as: tuple[str, object, str] | None,
+) -> None:
+    """Refuse a ``filename`` that gives two saves of this schedule the same name (unless ``overwrite``), before
+    training: otherwise the second save fails with ``FolderConflictError`` after a whole interval of training."""
+    names = filename.placeholders
+    if overwrite or "batch" in names or {"epoch", "batch_in_epoch"} <= names:
+        return
+    if "epoch" in names and isinstance(schedule, EveryNEpochs):
+        return
+    per = "epoch" if "epoch" in names else "run"
+    raise ConfigError(
+        *(shown_as or ("filename", filename.pattern, "'ep{epoch}-ba{batch}'")),
+        f"With save_interval={given!r} two saves of one {per} would get the same name and the second would"
+        " fail with FolderConflictError; include {batch} (the global step) in the name, or pass overwrite=True"
+        " to replace the checkpoint of that name at every save",
+    )
 
 
 def _check_name_format(
@@ -260,6 +291,7 @@ class CheckpointSaver(Checkpoint):
                     )
         self.save_interval: SaveSchedule = parse_save_interval(save_interval)
         self.overwrite = _check_bool("overwrite", overwrite)
+        _check_names_differ(self.filename, self.save_interval, save_interval, self.overwrite, shown_as=remote)
         self.weights_only = _check_bool("weights_only", weights_only)
         self.async_save = _check_bool("async_save", async_save)
         self.lock_folder = _check_bool("lock_folder", lock_folder)
@@ -296,6 +328,7 @@ class CheckpointSaver(Checkpoint):
         self.num_concurrent_uploads = num_concurrent_uploads
         self.upload_timeout_in_seconds = upload_timeout_in_seconds
         self._records: list[CheckpointRecord] = []
+        self._warned: set[tuple[str, str]] = set()  # (argument, metric) already warned about
         self._last_saved_step: int | None = None
         self._resumed_from: str | None = None
         self._io: ShardedCheckpointIO | None = None
@@ -497,6 +530,30 @@ class CheckpointSaver(Checkpoint):
         self._cadence.start(trainer.global_step, time.monotonic())
         self._preemption_cadence = AgreementCadence(PREEMPTION_CHECK_S)
         self._preemption_cadence.start(trainer.global_step, time.monotonic())
+
+    def _warn_missing_metrics(self, progress: layout.Progress, step: int) -> None:
+        """Warn once per metric that ``filename`` or ``monitor`` names but that is not logged at a save.
+
+        The name shows ``nan`` for it and the save happens: a name never costs the run or the checkpoint.
+        ``ModelCheckpoint`` raises for an unlogged ``monitor``; this saver keeps training and keeps the
+        checkpoint, ranked by recency only until the metric appears.
+        """
+        logged = sorted(progress.metrics)
+        for metric in self.filename.missing_metrics(progress):
+            if ("filename", metric) not in self._warned:
+                self._warned.add(("filename", metric))
+                rank_zero_warn(
+                    f"CheckpointSaver(filename={self.filename.pattern!r}): metric {metric!r} is not logged at the save"
+                    f" of step {step}; its place in the name shows 'nan'. Logged metrics: {logged}. Log it before"
+                    f" the save (self.log({metric!r}, ...)) or use one of the logged names."
+                )
+        if self.monitor and self.monitor not in progress.metrics and ("monitor", self.monitor) not in self._warned:
+            self._warned.add(("monitor", self.monitor))
+            rank_zero_warn(
+                f"CheckpointSaver(monitor={self.monitor!r}): the metric is not logged at the save of step {step},"
+                f" so this checkpoint cannot be ranked as best. Logged metrics: {logged}. Log it before the save"
+                f" (self.log({self.monitor!r}, ...), e.g. in validation_step) or change monitor."
+            )
 
     def _remove_leftovers(self, trainer: Trainer, storage: Storage, folder: str) -> None:
         """Before this run's first save: delete what killed saves, uploads and rotations left behind."""
@@ -743,6 +800,7 @@ class CheckpointSaver(Checkpoint):
         """
         storage, folder = self._storage(trainer)
         progress = _lightning.progress(trainer)
+        self._warn_missing_metrics(progress, trainer.global_step)
         name = self.filename.render(run_name=self.run_name, rank=_lightning.rank_info(trainer), progress=progress)
         if not self.overwrite and (name in self._foreign or any(r.name == name for r in self._records)):
             raise FolderConflictError(

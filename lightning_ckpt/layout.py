@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import string
 from collections.abc import Mapping
@@ -248,13 +249,18 @@ class NameFormat:
             raise self._fail(f"{sorted(needs_progress)} need training progress, which is not known here")
         if progress is not None:
             values.update(epoch=progress.epoch, batch=progress.batch, batch_in_epoch=progress.batch_in_epoch)
-            missing = sorted(self.metric_names - set(progress.metrics))
-            if missing:
-                logged = sorted(progress.metrics)
-                example = f"'ep{{epoch}}-{{{logged[0]}}}'" if logged else repr(DEFAULT_FILENAME)
-                raise self._fail(f"Metric {missing[0]!r} is not logged; the logged metrics are {logged}", example)
+            values.update(dict.fromkeys(self.missing_metrics(progress), math.nan))  # rendered as 'nan'
             values.update(progress.metrics)
         return values
+
+    def missing_metrics(self, progress: Progress) -> list[str]:
+        """The metric variables of the pattern that ``progress`` lacks (not logged): :meth:`render` writes ``nan``.
+
+        Example:
+            >>> NameFormat("ep{epoch}-{val_loss:.2f}", argument="filename").missing_metrics(Progress(epoch=1))
+            ['val_loss']
+        """
+        return sorted(self.metric_names - set(progress.metrics))
 
     def render(self, *, run_name: str = "", rank: RankInfo = RankInfo(), progress: Progress | None = None) -> str:
         """Fill in the pattern.
@@ -268,7 +274,8 @@ class NameFormat:
             The rendered name.
 
         Raises:
-            ConfigError: a metric in the pattern is not logged, or progress is needed but missing.
+            ConfigError: progress is needed but missing. A metric that is not logged renders as ``nan``
+                (see :meth:`missing_metrics`): a name never costs the run or the checkpoint.
 
         Example:
             >>> fmt = NameFormat("{run_name}/rank{rank}", argument="folder")

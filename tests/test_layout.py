@@ -214,14 +214,12 @@ def test_folder_progress_variable_lists_only_dist_variables() -> None:
     )
 
 
-def test_render_missing_metric_names_logged_metrics() -> None:
+def test_render_shows_an_unlogged_metric_as_nan_and_names_it() -> None:
     fmt = NameFormat("ep{epoch}-{val_acc:.2f}", argument="filename")
-    with pytest.raises(ConfigError) as info:
-        fmt.render(progress=Progress(epoch=1, metrics={"val_loss": 0.5, "train_loss": 1.0}))
-    assert str(info.value) == (
-        "filename='ep{epoch}-{val_acc:.2f}' is not valid. Metric 'val_acc' is not logged; the logged metrics "
-        "are ['train_loss', 'val_loss']. Example of a valid value: 'ep{epoch}-{train_loss}'."
-    )
+    progress = Progress(epoch=1, metrics={"val_loss": 0.5, "train_loss": 1.0})
+    assert fmt.missing_metrics(progress) == ["val_acc"]
+    assert fmt.render(progress=progress) == "ep1-nan"
+    assert fmt.parse("ep1-nan") is not None
 
 
 def test_render_without_progress() -> None:
