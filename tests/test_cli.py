@@ -434,3 +434,26 @@ def test_progress_bars_show_on_a_terminal_and_stay_quiet_in_pipes(trained: Path,
         (tmp_path / "model.ckpt").unlink(missing_ok=True)
         shutil.rmtree(tmp_path / "copies", ignore_errors=True)
         assert _stderr_of(command, terminal=False) == ""
+
+
+@pytest.mark.parametrize("dst", ["{src}/", "{src}/backup", "{src}"])
+def test_cp_into_the_source_itself_is_refused_and_changes_nothing(
+    folder: Path, capsys: pytest.CaptureFixture[str], dst: str
+) -> None:
+    src = folder / "ep1-ba16"
+    before = sorted(p.name for p in src.iterdir())
+    code, _, err = run(capsys, "cp", str(src), dst.format(src=src))
+    assert code == 2 and "is inside the checkpoint SRC" in err, err
+    assert_one_line_error(err)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_cp_to_a_relative_destination_copies_into_the_current_directory(
+    folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "cp", str(folder / "ep1-ba16"), "backup")
+    assert code == 0, err
+    assert out.strip() == f"copied to {tmp_path / 'backup'}"
+    copied, original = read_checkpoint(str(tmp_path / "backup")), read_checkpoint(str(folder / "ep1-ba16"))
+    assert all(torch.equal(copied["state_dict"][k], v) for k, v in original["state_dict"].items())

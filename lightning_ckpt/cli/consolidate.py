@@ -21,24 +21,6 @@ from lightning_ckpt.storage import Storage, fsync_dir
 __all__ = ["cmd_consolidate", "consolidate"]
 
 
-def _clone_tensors(value: Any) -> Any:
-    """Give each tensor its own storage (loaded tensors share their shard's mapping, which torch.save would keep)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, dict):
-        items = {k: _clone_tensors(v) for k, v in value.items()}
-        if type(value) is dict:
-            return items
-        copy = value.copy()  # OrderedDict, AttributeDict, ...: keep the type
-        copy.update(items)
-        return copy
-    if isinstance(value, list):
-        return [_clone_tensors(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_clone_tensors(v) for v in value)
-    return value
-
-
 def _save_atomic(obj: Any, out: str, total: int) -> None:
     """``torch.save`` into a temporary file next to ``out``, fsync, then rename onto ``out``."""
     directory = os.path.dirname(os.path.abspath(out))
@@ -108,7 +90,7 @@ def consolidate(
         if failed:
             raise CorruptCheckpointError(failed[0][1])
         checkpoint = load_checkpoint_dir(storage, ckpt_dir, weights_only=not allow_pickle, verify_checksums=False)
-        _save_atomic(_clone_tensors(checkpoint), out, manifest.total_bytes)
+        _save_atomic(checkpoint, out, manifest.total_bytes)  # loaded tensors own their memory
     return out
 
 

@@ -59,7 +59,10 @@ def _open_dst(storage: Storage, path: str) -> Iterator[IO[bytes]]:
 
 
 def _split_dst(dst: str, src_name: str) -> tuple[str, str]:
-    """DST as (folder, name): ``DST/`` (trailing slash) means ``DST/<source name>``."""
+    """DST as (folder, name): ``DST/`` (trailing slash) means ``DST/<source name>``; a relative local DST is
+    taken from the current directory, as ``cp`` does."""
+    if "://" not in dst:
+        dst = os.path.abspath(dst) + ("/" if dst.endswith("/") else "")
     if dst.endswith("/"):
         return dst.rstrip("/"), src_name
     cut = dst.rstrip("/")
@@ -67,6 +70,20 @@ def _split_dst(dst: str, src_name: str) -> tuple[str, str]:
     if not layout.is_plain_name(tail) or not head:
         raise UsageError(f"DST={dst!r} must name a checkpoint directory, e.g. 's3://bucket/run/ep1-ba16'")
     return head, tail
+
+
+def _refuse_copy_into_itself(src_url: str, dst_url: str, src: str, dst: str) -> None:
+    """A destination inside the source checkpoint (or the source itself) would copy it into itself."""
+    if "://" not in src_url and "://" not in dst_url:
+        src_url, dst_url = (
+            os.path.realpath(src_url),
+            os.path.join(os.path.realpath(os.path.dirname(dst_url)), os.path.basename(dst_url)),
+        )
+    if dst_url == src_url or dst_url.startswith(src_url.rstrip("/") + "/"):
+        raise UsageError(
+            f"DST={dst!r} is inside the checkpoint SRC={src!r}: a copy cannot go into what it copies; name a"
+            " destination outside it, e.g. a sibling directory 'backup/' or 's3://bucket/run/ep1-ba16'"
+        )
 
 
 def copy_checkpoint(
@@ -101,6 +118,7 @@ def copy_checkpoint(
     manifest = read_manifest(src_storage, src_dir)
     folder, name = _split_dst(os.fspath(dst), src_storage.basename(src_dir))
     dst_storage, dst_folder = Storage.open(folder, dst_options)
+    _refuse_copy_into_itself(src_storage.url(src_dir), dst_storage.url(dst_storage.join(dst_folder, name)), src, dst)
     if dst_storage.exists(dst_storage.join(dst_folder, name, layout.MANIFEST_FILENAME)):
         raise CheckpointError(f"{dst_storage.url(dst_storage.join(dst_folder, name))} is already a checkpoint")
     staged = stage_dir(dst_storage, dst_folder, name)
