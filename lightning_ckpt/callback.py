@@ -241,7 +241,10 @@ class CheckpointSaver(Checkpoint):
                 or "://" not in latest_remote_file_name
                 or latest_remote_file_name.endswith("/")
             ):
-                example = "'s3://bucket/{run_name}/latest' or None"
+                where = remote_file_name.rpartition("/")[0] if isinstance(remote_file_name, str) else ""
+                example = (
+                    f"{where + '/latest'!r} or None" if "://" in where else "'s3://bucket/{run_name}/latest' or None"
+                )
                 reason = "It must be the URL of the pointer file"
                 raise ConfigError("latest_remote_file_name", latest_remote_file_name, example, reason)
             folder, filename, latest_filename, local_folder = _composer_remote_names(
@@ -271,7 +274,8 @@ class CheckpointSaver(Checkpoint):
         if latest_filename is not None and (
             not isinstance(latest_filename, str) or not layout.is_plain_name(latest_filename)
         ):
-            raise ConfigError("latest_filename", latest_filename, "'latest', 'latest-rank{rank}' or None")
+            example = "'latest' or None (one pointer per rank: 'latest-rank{rank}', with {rank} in filename too)"
+            raise ConfigError("latest_filename", latest_filename, example)
         self.latest_filename = (
             NameFormat(latest_filename, argument="latest_filename", allow_progress=False, allow_metrics=False)
             if latest_filename is not None
@@ -578,6 +582,7 @@ class CheckpointSaver(Checkpoint):
         """Global rank 0 takes the folder's lock; every rank learns the outcome, so all fail together."""
         if not self.lock_folder or self._lock is not None:
             return
+        self._refuse_a_sibling_in_my_folder(trainer, storage.url(folder))
         refusal = None
         if trainer.is_global_zero:
             try:
@@ -589,6 +594,20 @@ class CheckpointSaver(Checkpoint):
             refusal = _lightning.decide_on_rank_zero(trainer, lambda: refusal)
         if refusal is not None:
             raise FolderInUseError(refusal)
+
+    def _refuse_a_sibling_in_my_folder(self, trainer: Trainer, url: str) -> None:
+        """Two savers of this trainer in one folder: the lock would blame "another run" (it is this process)."""
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, CheckpointSaver) or other._lock is None:
+                continue
+            other_storage, other_folder = other._storage(trainer)
+            if other_storage.url(other_folder) == url:
+                raise FolderInUseError(
+                    f"two CheckpointSaver callbacks of this trainer save into folder {url!r} (filename="
+                    f"{other.filename.pattern!r} and {self.filename.pattern!r}); each would rotate the other's"
+                    " checkpoints. Give each its own folder, or pass lock_folder=False to both (each then rotates"
+                    " only the checkpoints its own filename matches)."
+                )
 
     def _release_folder(self) -> None:
         if self._lock is not None:

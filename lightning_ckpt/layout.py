@@ -174,8 +174,12 @@ class NameFormat:
         self._regex = re.compile("".join(self._regex_piece(piece, i) for i, piece in enumerate(self._pieces)))
 
     def _fail(self, reason: str, example: str = "") -> ConfigError:
-        default = repr(DEFAULT_FILENAME) if self._allow_progress else "'{run_name}/checkpoints'"
+        default = repr(DEFAULT_FILENAME) if self._allow_progress else self._example_without_progress()
         return ConfigError(self._argument, self._pattern, example or default, reason)
+
+    def _example_without_progress(self) -> str:
+        """A valid value for an argument without progress variables: a folder path, or a plain pointer name."""
+        return "'{run_name}/checkpoints'" if self._argument == "folder" else f"{DEFAULT_LATEST_FILENAME!r}"
 
     def _split(self, pattern: str) -> list[str | _Field]:
         try:

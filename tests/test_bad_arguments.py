@@ -8,7 +8,9 @@ a ``Trainer`` fit a tiny model and also record how many training batches ran bef
 
 from __future__ import annotations
 
+import ast
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -77,9 +79,13 @@ def _row(
     return pytest.param(Case(call, error, argument, shown, example, batches), id=case_id, marks=marks)
 
 
+SAVER_ROWS: list[tuple[str, str, object, dict[str, Any]]] = []  # (case id, argument, bad value, other kwargs)
+
+
 def saver(case_id: str, argument: str, value: object, *, shown: str | None = None, **kwargs: Any) -> Any:
     """A row for ``CheckpointSaver(argument=value, ...)``; the message must show ``repr(value)``."""
     other = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("error", "example", "batches", "xfail")}
+    SAVER_ROWS.append((case_id, argument, value, other))
     return _row(
         f"CheckpointSaver-{case_id}",
         lambda env: CheckpointSaver(**{argument: value}, **other),
@@ -318,3 +324,30 @@ def test_bad_argument_names_itself_its_value_and_a_good_value(case: Case, tmp_pa
     if case.batches is not None:
         assert len(env.batches) == case.batches, f"training batches before the error: {env.batches}"
         assert not list(tmp_path.rglob("manifest.json")), "nothing was committed"
+
+
+def _literals(example: str) -> list[object]:
+    """The Python literals an error's example offers (``"'latest', 'latest-rank{rank}' or None"`` gives three)."""
+    found = []
+    for part in re.split(r",\s+|\s+or\s+", example):
+        try:
+            found.append(ast.literal_eval(part.strip()))
+        except (ValueError, SyntaxError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("row", SAVER_ROWS, ids=[row[0] for row in SAVER_ROWS])
+def test_every_example_a_saver_error_offers_is_itself_accepted(row: tuple[str, str, object, dict[str, Any]]) -> None:
+    case_id, argument, value, other = row
+    try:
+        CheckpointSaver(**{argument: value}, **other)
+    except ConfigError as err:
+        examples = _literals(err.example)
+    else:
+        pytest.fail(f"{case_id}: no ConfigError at construction")
+    for example in examples:
+        try:
+            CheckpointSaver(**{argument: example}, **other)
+        except ConfigError as err:
+            assert err.argument != argument, f"{case_id}: the example {example!r} is itself refused: {err}"

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_ckpt import CheckpointSaver, ConfigError
+from lightning_ckpt import CheckpointSaver, ConfigError, FolderInUseError
 from lightning_ckpt.demo import TinyRegressor, build_trainer
 
 
@@ -77,3 +77,12 @@ def test_an_unlogged_monitor_warns_naming_the_saver_and_best_then_names_it_too(t
     assert "'val_loss'" in about[0] and saver.best_model_path == ""
     with pytest.raises(ValueError, match=r"CheckpointSaver keeps no best checkpoint: no save .*'never_logged'"):
         trainer.validate(ckpt_path="best")
+
+
+def test_two_savers_of_one_trainer_in_one_folder_are_told_apart_from_another_run(tmp_path: Path) -> None:
+    first = CheckpointSaver(str(tmp_path / "c"), filename="a{batch}", run_name="r")
+    second = CheckpointSaver(str(tmp_path / "c"), filename="b{batch}", run_name="r")
+    with pytest.raises(FolderInUseError, match=r"two CheckpointSaver callbacks of this trainer") as err:
+        build_trainer(str(tmp_path), max_epochs=1, callbacks=[first, second]).fit(TinyRegressor())
+    assert "'a{batch}' and 'b{batch}'" in str(err.value) and "lock_folder=False" in str(err.value)
+    assert "in use by run" not in str(err.value)
