@@ -28,7 +28,13 @@ README = ROOT / "README.md"
 
 # Shell lines of the README that the suite does not run, because they install packages, run this
 # suite itself, or run the benchmarks (which have their own smoke tests in test_benchmarks.py).
-NOT_RUN_PREFIXES = ("pip install ", "bash .ci/run", "python benchmarks/", "python -m lightning_ckpt.demo")
+NOT_RUN_PREFIXES = (
+    "pip install ",
+    "python -m pip install ",
+    "bash .ci/run",
+    "python benchmarks/",
+    "python -m lightning_ckpt.demo",
+)
 
 
 def _shell_lines(path: Path) -> list[tuple[int, str]]:
