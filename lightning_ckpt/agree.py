@@ -39,7 +39,17 @@ import torch
 from lightning_ckpt.checksum import crc32
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import ConfigError, PlanError
-from lightning_ckpt.plan import Placement, ReplicatedTest, TensorSpec, assign, digest, local_plan, resolve, specs_of
+from lightning_ckpt.plan import (
+    Placement,
+    ReplicatedTest,
+    TensorSpec,
+    assign,
+    digest,
+    local_plan,
+    paused_gc,
+    resolve,
+    specs_of,
+)
 from lightning_ckpt.sharded import find_distributed_tensor
 from lightning_ckpt.tree import split_tensors
 
@@ -101,8 +111,9 @@ def progress_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 def _local_part(
     checkpoint: Mapping[str, Any], replicated: ReplicatedTest | None
 ) -> tuple[Any, dict[str, torch.Tensor], list[list[Any]], dict[str, Any]]:
-    skeleton, tensors = split_tensors(dict(checkpoint))
-    found = find_distributed_tensor(skeleton)
+    with paused_gc():  # a split of 100,000 tensors builds that many markers: no collector passes meanwhile
+        skeleton, tensors = split_tensors(dict(checkpoint))
+        found = find_distributed_tensor(skeleton)
     if found is not None:
         key, kind = found
         raise PlanError(
@@ -111,7 +122,9 @@ def _local_part(
             " ModelParallelStrategy keep Lightning's own checkpointing (ModelCheckpoint without"
             " ShardedCheckpointIO) until sharded support lands, or train with strategy='ddp'"
         )
-    return skeleton, tensors, local_plan(tensors, replicated), progress_info(checkpoint)
+    with paused_gc():
+        rows = local_plan(tensors, replicated)
+    return skeleton, tensors, rows, progress_info(checkpoint)
 
 
 def agree_on_plan(
@@ -149,13 +162,15 @@ def agree_on_plan(
     if refused:
         raise PlanError(f"rank {refused[0][0]} cannot save its part of the checkpoint: {refused[0][1]}")
     groups = _groups(posts)
-    specs_by_group = _agreed_specs(exchange, groups, posts, rows)
+    with paused_gc():
+        specs_by_group = _agreed_specs(exchange, groups, posts, rows)
     group = groups[rank]
     specs = specs_by_group[tuple(group)]
     if verify_replicas:
         _verify_replicas(exchange, groups, tensors, specs_by_group)
     same_pointer = [r for r in sorted(peers) if r in posts and posts[r][1] == pointer] or [rank]
-    mine = assign(specs, len(group))[group.index(rank)]
+    with paused_gc():
+        mine = assign(specs, len(group))[group.index(rank)]
     return AgreedPlan(group, group[0] == min(same_pointer), specs, mine, tensors, skeleton, info)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 
 from lightning_ckpt import _faults, layout
 from lightning_ckpt.manifest import FileEntry, TensorEntry
+from lightning_ckpt.plan import paused_gc
 from lightning_ckpt.staging import StagedShard, StagingBuffer
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.writer import ShardPlan, checksum_of, plan_shard, write_shard_local, write_shard_stream
@@ -80,10 +81,11 @@ def prepare_shard(
     else into fresh host memory).
     """
     name = layout.shard_filename(index, count)
-    devices = {k: str(t.device) for k, t in tensors.items()}
-    if staging is None:
-        tensors = {k: (t if t.device.type == "cpu" else t.to("cpu")) for k, t in tensors.items()}
-    plan = plan_shard(tensors, file=name)
+    with paused_gc():  # 100,000 small tensors: no collector passes over the entries being built
+        devices = {k: str(t.device) for k, t in tensors.items()}
+        if staging is None:
+            tensors = {k: (t if t.device.type == "cpu" else t.to("cpu")) for k, t in tensors.items()}
+        plan = plan_shard(tensors, file=name, devices=devices)
     staged = staging.stage(plan) if staging is not None else None
     return PreparedShard(plan=staged.plan if staged else plan, staged=staged, devices=devices)
 
@@ -102,14 +104,16 @@ def write_prepared_shard(
     else:
         with storage.open_write(path) as stream:
             entry = write_shard_stream(stream, shard.plan, rank=rank, image=image)
-    entries = [TensorEntry(**{**e.__dict__, "device": shard.devices[e.key]}) for e in shard.plan.entries]
+    devices = shard.devices
+    entries = [e if e.device == devices[e.key] else replace(e, device=devices[e.key]) for e in shard.plan.entries]
     return entry, entries
 
 
 def pickle_objects(skeleton: Any) -> bytes:
     """The tensor-free skeleton pickled as ``objects.pt`` (loadable with ``weights_only=True``)."""
     buffer = io.BytesIO()
-    torch.save(skeleton, buffer)
+    with paused_gc():
+        torch.save(skeleton, buffer)
     return buffer.getvalue()
 
 

@@ -40,7 +40,7 @@ import abc
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from lightning_ckpt import _faults, layout
@@ -57,7 +57,7 @@ from lightning_ckpt.commit import check_target, commit_dir, stage_dir, update_la
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import PlanError
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
-from lightning_ckpt.plan import replicated_test
+from lightning_ckpt.plan import paused_gc, replicated_test
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.storage import Storage
 
@@ -160,9 +160,21 @@ def discover_peers(exchange: Exchange, storage: Storage, folder: str) -> list[in
 
 
 def _entries(payload: Mapping[str, Any]) -> tuple[list[FileEntry], list[TensorEntry]]:
-    files = [FileEntry(**f) for f in payload["files"]]
-    tensors = [TensorEntry(**{**t, "shape": tuple(t["shape"])}) for t in payload["tensors"]]
+    """A rank's file and tensor entries from its ``written`` payload (rows in field order, see :func:`_payload`)."""
+    with paused_gc():
+        files = [FileEntry(*row) for row in payload["files"]]
+        rows = payload["tensors"]
+        tensors = [TensorEntry(k, dt, tuple(shape), f, off, n, dev) for k, dt, shape, f, off, n, dev in rows]
     return files, tensors
+
+
+def _payload(files: Sequence[FileEntry], tensors: Sequence[TensorEntry]) -> dict[str, Any]:
+    """This rank's entries as JSON-able rows in field order (no ``dataclasses.asdict``: 100,000 tensors are cheap)."""
+    with paused_gc():
+        return {
+            "files": [[f.name, f.size, f.checksum, f.rank] for f in files],
+            "tensors": [[t.key, t.dtype, list(t.shape), t.file, t.offset, t.nbytes, t.device] for t in tensors],
+        }
 
 
 @dataclass
@@ -296,7 +308,7 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
                 files.append(write_objects(storage, staged, prepared.objects, rank=exchange.rank))
             for hook in prepared.hooks:
                 hook.pre_commit(storage.url(target), rank=exchange.rank)
-            payload = {"files": [asdict(f) for f in files], "tensors": [asdict(e) for e in entries]}
+            payload = _payload(files, entries)
         except Exception as err:  # reported to every rank by the barrier below
             error = err
     try:

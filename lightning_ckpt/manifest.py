@@ -16,13 +16,76 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from importlib import metadata as importlib_metadata
 from typing import Any
 
 from lightning_ckpt import layout
 from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.plan import paused_gc
 
 __all__ = ["FileEntry", "Manifest", "TensorEntry"]
+
+_ENTRY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(", ", ": "))
+_quote: Callable[[str], str] = json.encoder.encode_basestring_ascii  # json.dumps of a str, as the encoder writes it
+
+
+def _json_lines(lines: list[str]) -> str:
+    """A JSON list at the manifest's top level with one compact object per line."""
+    return "[\n  " + ",\n  ".join(lines) + "\n ]" if lines else "[]"
+
+
+def _entry_json(entry: FileEntry | TensorEntry) -> str:
+    return _ENTRY_ENCODER.encode(vars(entry))
+
+
+def _tensor_json(entry: TensorEntry) -> str:
+    """What :func:`_entry_json` writes for a tensor, formatted directly (3x faster: no encoder per entry)."""
+    ints = (entry.nbytes, entry.offset, *entry.shape)
+    if not _TENSOR_FIELDS_KNOWN or not all(type(n) is int for n in ints):  # a new field, a bool: the encoder
+        return _entry_json(entry)
+    shape = ", ".join(map(str, entry.shape))
+    return (
+        f'{{"device": {_quote(entry.device)}, "dtype": {_quote(entry.dtype)}, "file": {_quote(entry.file)},'
+        f' "key": {_quote(entry.key)}, "nbytes": {entry.nbytes}, "offset": {entry.offset}, "shape": [{shape}]}}'
+    )
+
+
+def _entries_of(data: dict[str, Any]) -> tuple[list[FileEntry], dict[str, TensorEntry]]:
+    """The file and tensor entries of a parsed manifest; fields this version does not know are ignored."""
+    with paused_gc():  # one entry per tensor
+        files = [FileEntry(f["name"], f["size"], f["checksum"], f["rank"]) for f in data["files"]]
+        tensors = {
+            t["key"]: TensorEntry(t["key"], t["dtype"], tuple(t["shape"]), t["file"], t["offset"], t["nbytes"],
+                                  t.get("device", "cpu"))
+            for t in data["tensors"]
+        }  # fmt: skip
+    return files, tensors
+
+
+def _check_version(version: object, source: str) -> None:
+    """Refuse a ``format_version`` this reader cannot read: newer (upgrade) or not a known version (damaged)."""
+    number = isinstance(version, (int, float)) and not isinstance(version, bool)
+    if number and version == layout.FORMAT_VERSION:
+        return
+    if number and version > layout.FORMAT_VERSION:  # type: ignore[operator]
+        raise CorruptCheckpointError(
+            f"{source}: format_version {version} was written by a newer lightning-ckpt; this version"
+            f" ({_own_version()}) reads format_version {layout.FORMAT_VERSION} only. Upgrade lightning-ckpt"
+            " (pip install -U lightning-ckpt) to read this checkpoint"
+        )
+    raise CorruptCheckpointError(
+        f"{source}: format_version {version!r} is not a lightning-ckpt format version (expected"
+        f" {layout.FORMAT_VERSION}); the manifest is damaged or was not written by lightning-ckpt"
+    )
+
+
+def _own_version() -> str:
+    try:
+        return importlib_metadata.version("lightning-ckpt")
+    except importlib_metadata.PackageNotFoundError:
+        return "unknown version"
 
 
 @dataclass(frozen=True)
@@ -65,6 +128,11 @@ class TensorEntry:
     device: str = "cpu"
 
 
+_TENSOR_FIELDS_KNOWN = [f.name for f in fields(TensorEntry)] == [
+    "key", "dtype", "shape", "file", "offset", "nbytes", "device"
+]  # fmt: skip  # what _tensor_json writes; any other field set goes through the JSON encoder
+
+
 @dataclass
 class Manifest:
     """Everything a reader needs to find, verify and load a checkpoint."""
@@ -95,44 +163,69 @@ class Manifest:
         raise KeyError(name)
 
     def to_json(self) -> bytes:
-        data = asdict(self)
-        data["tensors"] = [asdict(t) for t in self.tensors.values()]
-        return json.dumps(data, indent=1, sort_keys=True).encode()
+        """The manifest as JSON: sorted keys, one line per file and per tensor.
+
+        Built without :func:`dataclasses.asdict` (which deep-copies every field of every entry) and
+        with the C JSON encoder per entry: a 100,000-tensor manifest takes well under a second.
+
+        Example:
+            >>> m = Manifest(name="a", epoch=0, global_step=1, world_size=1, files=[], tensors={}, created=0.0)
+            >>> json.loads(m.to_json())["global_step"]
+            1
+        """
+        lines = []
+        for name in sorted(f.name for f in fields(self)):
+            if name in ("files", "tensors"):
+                with paused_gc():
+                    if name == "tensors":
+                        text = _json_lines([_tensor_json(t) for t in self.tensors.values()])
+                    else:
+                        text = _json_lines([_entry_json(f) for f in self.files])
+            else:
+                text = json.dumps(getattr(self, name), indent=1, sort_keys=True).replace("\n", "\n ")
+            lines.append(f" {json.dumps(name)}: {text}")
+        return ("{\n" + ",\n".join(lines) + "\n}").encode()
 
     @classmethod
     def from_json(cls, raw: bytes, *, source: str) -> Manifest:
-        """Parse and validate a manifest; ``source`` names the file in error messages."""
+        """Parse and validate a manifest; ``source`` names the file in error messages.
+
+        Fields this version does not know, at any level, are ignored (see "Compatibility" in
+        ``docs/storage_format.md``); a ``format_version`` above :data:`~lightning_ckpt.layout.FORMAT_VERSION`
+        is refused with an error that says to upgrade.
+
+        Example:
+            >>> raw = b'{"format_version": 1, "name": "a", "epoch": 0, "global_step": 1, "world_size": 1,'
+            >>> raw += b' "files": [], "tensors": [], "objects_file": null, "added_later": {"x": 1}}'
+            >>> Manifest.from_json(raw, source="manifest.json").global_step
+            1
+        """
         try:
-            data = json.loads(raw)
+            with paused_gc():  # a dict and a list per tensor
+                data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CorruptCheckpointError(
                 f"{source}: not valid JSON ({err}); the manifest is truncated or damaged"
             ) from err
         if not isinstance(data, dict):
             raise CorruptCheckpointError(f"{source}: expected a JSON object, found {type(data).__name__}")
-        version = data.get("format_version")
-        if version != layout.FORMAT_VERSION:
-            raise CorruptCheckpointError(
-                f"{source}: format_version {version!r} is not supported (expected {layout.FORMAT_VERSION});"
-                " upgrade lightning-ckpt to read it"
-            )
+        _check_version(data.get("format_version"), source)
         try:
-            files = [FileEntry(**f) for f in data["files"]]
-            tensors = [TensorEntry(**{**t, "shape": tuple(t["shape"])}) for t in data["tensors"]]
+            files, tensors = _entries_of(data)
             manifest = cls(
                 name=str(data["name"]),
                 epoch=int(data["epoch"]),
                 global_step=int(data["global_step"]),
                 world_size=int(data["world_size"]),
                 files=files,
-                tensors={t.key: t for t in tensors},
+                tensors=tensors,
                 objects_file=data.get("objects_file"),
                 weights_only=bool(data.get("weights_only", False)),
                 created=float(data.get("created", 0.0)),
                 versions=dict(data.get("versions", {})),
                 metadata=dict(data.get("metadata", {})),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CorruptCheckpointError(f"{source}: missing or malformed field ({err!r})") from err
         manifest._validate(source)
         return manifest

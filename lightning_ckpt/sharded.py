@@ -13,10 +13,23 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["distributed_tensor_kind", "find_distributed_tensor"]
+
+
+@functools.cache
+def _distributed_classes() -> dict[type, str]:
+    """The distributed tensor classes of this torch build, looked up once: ``{class: kind}``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return {}
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    return {DTensor: "DTensor", ShardedTensor: "ShardedTensor"}
 
 
 def distributed_tensor_kind(value: Any) -> str | None:
@@ -27,35 +40,29 @@ def distributed_tensor_kind(value: Any) -> str | None:
         >>> distributed_tensor_kind(torch.ones(1)) is None
         True
     """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return None
-    if isinstance(value, DTensor):
-        return "DTensor"
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    if isinstance(value, ShardedTensor):
-        return "ShardedTensor"
+    for cls, kind in _distributed_classes().items():
+        if isinstance(value, cls):
+            return kind
     return None
 
 
 def find_distributed_tensor(tree: Any) -> tuple[str, str] | None:
     """The first ``(key, kind)`` of a distributed tensor in a nested dict/list/tuple, else ``None``.
 
-    Keys are ``/``-joined like :func:`lightning_ckpt.tree.split_tensors`'s.
+    Keys are ``/``-joined like :func:`lightning_ckpt.tree.split_tensors`'s. One ``isinstance`` per value
+    and no string work until a hit: it runs on every save, over every value of the checkpoint dict.
     """
-    stack: list[tuple[str, Any]] = [("", tree)]
+    classes = tuple(_distributed_classes())
+    if not classes:
+        return None
+    containers = (Mapping, list, tuple)
+    wanted = (*containers, *classes)
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), tree)]
     while stack:
         path, value = stack.pop()
-        kind = distributed_tensor_kind(value)
-        if kind is not None:
-            return path or "tensor", kind
-        if isinstance(value, Mapping):
-            items = list(value.items())
-        elif isinstance(value, (list, tuple)):
-            items = list(enumerate(value))
-        else:
-            continue
-        stack.extend((f"{path}/{k}" if path else str(k), v) for k, v in reversed(items))
+        if isinstance(value, classes):
+            return "/".join(map(str, path)) or "tensor", str(distributed_tensor_kind(value))
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        children = [((*path, k), v) for k, v in items if isinstance(v, wanted)]
+        stack.extend(reversed(children))
     return None

@@ -38,6 +38,7 @@ import torch
 from lightning_ckpt import _faults
 from lightning_ckpt.checksum import checksum_string, crc32
 from lightning_ckpt.manifest import FileEntry, TensorEntry
+from lightning_ckpt.plan import paused_gc
 from lightning_ckpt.tree import DTYPE_TO_SAFETENSORS
 
 __all__ = [
@@ -81,21 +82,30 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data.cast("B")
 
 
-def plan_shard(tensors: Mapping[str, torch.Tensor], *, file: str) -> ShardPlan:
-    """Order the tensors and lay out the header; tensors must already be on the CPU."""
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+def plan_shard(
+    tensors: Mapping[str, torch.Tensor], *, file: str, devices: Mapping[str, str] | None = None
+) -> ShardPlan:
+    """Order the tensors and lay out the header; tensors must already be on the CPU.
+
+    ``devices`` records each tensor's original device in its entry (default: where it is now).
+    One pass over the tensors, no per-tensor JSON: 100,000 small tensors are planned in well under a second.
+    """
+    rows = [(-t.dtype.itemsize, key, t) for key, t in tensors.items()]
+    rows.sort(key=_order)
+    names: dict[torch.dtype, tuple[str, str]] = {}
     header: dict[str, object] = {"__metadata__": {"format": "pt", "writer": "lightning_ckpt"}}
-    offsets: list[tuple[str, int, int]] = []
+    layout: list[tuple[str, str, tuple[int, ...], int, int, str]] = []
     position = 0
-    for key in order:
-        t = tensors[key]
-        nbytes = t.numel() * t.element_size()
-        header[key] = {
-            "dtype": DTYPE_TO_SAFETENSORS[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [position, position + nbytes],
-        }
-        offsets.append((key, position, nbytes))
+    for _, key, t in rows:
+        dtype = t.dtype
+        if dtype not in names:
+            names[dtype] = (DTYPE_TO_SAFETENSORS[dtype], str(dtype).removeprefix("torch."))
+        safetensors_name, torch_name = names[dtype]
+        shape = tuple(t.shape)
+        nbytes = t.nbytes
+        header[key] = {"dtype": safetensors_name, "shape": shape, "data_offsets": [position, position + nbytes]}
+        device = devices[key] if devices is not None else str(t.device)
+        layout.append((key, torch_name, shape, position, nbytes, device))
         position += nbytes
     body = json.dumps(header, separators=(",", ":")).encode()
     padded = -(-(8 + len(body)) // ALIGNMENT) * ALIGNMENT - 8
@@ -103,18 +113,14 @@ def plan_shard(tensors: Mapping[str, torch.Tensor], *, file: str) -> ShardPlan:
     raw_header = len(body).to_bytes(8, "little") + body
     start = len(raw_header)
     entries = [
-        TensorEntry(
-            key=key,
-            dtype=str(tensors[key].dtype).removeprefix("torch."),
-            shape=tuple(tensors[key].shape),
-            file=file,
-            offset=start + off,
-            nbytes=nbytes,
-            device=str(tensors[key].device),
-        )
-        for key, off, nbytes in offsets
+        TensorEntry(key, dtype, shape, file, start + off, nbytes, device)
+        for key, dtype, shape, off, nbytes, device in layout
     ]
-    return ShardPlan(file=file, header=raw_header, entries=entries, tensors=[tensors[k] for k in order])
+    return ShardPlan(file=file, header=raw_header, entries=entries, tensors=[row[2] for row in rows])
+
+
+def _order(row: tuple[int, str, torch.Tensor]) -> tuple[int, str]:
+    return row[0], row[1]
 
 
 def _chunks(plan: ShardPlan, image: torch.Tensor | None = None) -> Iterator[memoryview]:
@@ -274,6 +280,15 @@ def _byte_tensors(plan: ShardPlan) -> Iterator[torch.Tensor]:
             yield (flat if flat.is_contiguous() else flat.contiguous()).view(torch.uint8)
 
 
+def _fill(block: torch.Tensor, pieces: list[torch.Tensor], size: int) -> None:
+    """Copy ``pieces`` back to back into ``block[:size]``: one ``torch.cat`` for many small tensors
+    (a ``copy_`` per 64-byte tensor costs more than its bytes), ``copy_`` for a single piece."""
+    if len(pieces) == 1:
+        block[:size].copy_(pieces[0])  # torch copies with all threads
+    elif pieces:
+        torch.cat(pieces, out=block[:size])
+
+
 def _write_bounced(file: _DirectFile, plan: ShardPlan) -> str:
     """Pack the header and tensor bytes into a ring of aligned blocks and write each with ``O_DIRECT``.
 
@@ -283,6 +298,7 @@ def _write_bounced(file: _DirectFile, plan: ShardPlan) -> str:
     blocks = [_BOUNCE.take() for _ in range(BOUNCE_BUFFERS)]
     try:
         with (
+            paused_gc(),  # a view per tensor: with 100,000 small tensors the collector would walk them all, often
             ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="lightning_ckpt-write") as writers,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as crc_pool,
         ):
@@ -291,21 +307,24 @@ def _write_bounced(file: _DirectFile, plan: ShardPlan) -> str:
             index, filled, offset = 0, 0, 0
             block = blocks[0]
             view = tensor_bytes(block)
+            pieces: list[torch.Tensor] = []  # what fills the current block, copied at once when it is full
             for source in _byte_tensors(plan):
                 taken = 0
                 while taken < source.numel():
                     n = min(source.numel() - taken, DIRECT_CHUNK_BYTES - filled)
-                    block[filled : filled + n].copy_(source[taken : taken + n])  # torch copies with all threads
+                    pieces.append(source if n == source.numel() else source[taken : taken + n])
                     filled, taken = filled + n, taken + n
                     if filled < DIRECT_CHUNK_BYTES:
                         continue
+                    _fill(block, pieces, filled)
                     busy[index] = [writers.submit(file.pwrite, view, offset), checksum.add(view)]
                     offset += filled
                     index = (index + 1) % len(blocks)
                     for future in busy[index]:
                         future.result()
-                    block, filled = blocks[index], 0
+                    block, filled, pieces = blocks[index], 0, []
                     view = tensor_bytes(block)
+            _fill(block, pieces, filled)
             if filled:
                 busy[index] = [writers.submit(file.pwrite, view[: _round_up(filled)], offset),
                                checksum.add(view[:filled])]  # fmt: skip

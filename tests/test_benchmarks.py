@@ -19,7 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
-CHECKPOINT_PEERS = ["torch_io", "async_io", "torch_save", "dcp", "dcp_async", "safetensors", "ours_sync", "ours_async"]
+CHECKPOINT_PEERS = [
+    *("torch_io", "async_io", "torch_save", "dcp", "dcp_async", "safetensors"),
+    *("ours_sync", "ours_async", "ours_verify"),
+]
 CHECKPOINT_LIMITS = ["limit_copy", "limit_write", "limit_write_direct", "limit_read", "limit_read_direct"]
 FIT_VARIANTS = ["none", "model_checkpoint", "model_checkpoint_async", "saver_sync", "saver_async"]
 
@@ -113,3 +116,16 @@ def test_bench_cli_startup_smoke(tmp_path: Path) -> None:
     variants = json.loads(out.read_text())["variants"]
     assert set(variants) == {"ours", "with_lightning_imported", "import_torch"}
     assert all(positive(v) for v in variants.values()), variants
+
+
+@pytest.mark.timeout(120)
+def test_bench_many_tensors_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "many.json"
+    proc = run_script("bench_many_tensors.py", "--dir", str(tmp_path), "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| peer | save s |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    for key in ("ours", "torch_save", "torch_save_fsync", "dcp"):
+        assert positive(rows[key]["save_s"]) and positive(rows[key]["load_s"]), (key, rows[key])
+        assert rows[key]["correct"] is True, key
+    assert os.listdir(tmp_path) == ["many.json"]  # scratch files removed

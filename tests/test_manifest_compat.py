@@ -1,0 +1,134 @@
+"""Manifest compatibility: fields added by a later version are ignored; a newer ``format_version`` is refused.
+
+Each test starts from checkpoints committed by a real ``Trainer.fit`` and edits ``manifest.json`` as a
+later lightning-ckpt could write it (the manifest has no checksum of its own, so an edit needs no other change).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_ckpt import CheckpointSaver, latest, read_checkpoint
+from lightning_ckpt.cli import main
+from lightning_ckpt.demo import TinyRegressor, build_trainer
+from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of committed checkpoints of a real fit. Do not modify."""
+    root = tmp_path_factory.mktemp("compat")
+    L.seed_everything(0, verbose=False)
+    saver = CheckpointSaver(folder=root / "ckpts", save_interval="4ba", run_name="compat")
+    build_trainer(str(root), max_epochs=1, callbacks=[saver]).fit(TinyRegressor())
+    return root / "ckpts"
+
+
+@pytest.fixture
+def folder(trained: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(trained, tmp_path / "ckpts", symlinks=True))
+
+
+def newest(folder: Path) -> Path:
+    found = latest(folder)
+    assert found is not None
+    return Path(found)
+
+
+def edit_manifest(ckpt: Path, change: Any) -> None:
+    path = ckpt / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def add_fields(data: dict[str, Any]) -> None:
+    data["storage_class"] = {"tier": "hot", "added_in": "format 1, later release"}
+    for entry in data["files"]:
+        entry["compression"] = None
+        entry["sha256"] = "0" * 64
+    for entry in data["tensors"]:
+        entry["chunks"] = [{"offsets": [0] * len(entry["shape"]), "sizes": entry["shape"]}]
+        entry["layout"] = "strided"
+
+
+def assert_same_checkpoint(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["state_dict"].keys() == want["state_dict"].keys()
+    for key, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][key], value), key
+    assert got["global_step"] == want["global_step"] and got["epoch"] == want["epoch"]
+
+
+def test_unknown_fields_at_every_level_are_ignored(
+    trained: Path, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = newest(folder)
+    edit_manifest(ckpt, add_fields)
+
+    assert_same_checkpoint(read_checkpoint(str(ckpt)), read_checkpoint(str(trained / ckpt.name)))
+    assert newest(folder) == ckpt  # ckpt_path="last" still resumes from it
+    assert main(["verify", str(ckpt)]) == 0
+    assert main(["inspect", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "state_dict/" in out and ckpt.name in out
+
+
+def test_newer_format_version_is_refused_naming_the_upgrade(
+    folder: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    ckpt = newest(folder)
+    committed = [p for p in folder.iterdir() if not p.is_symlink() and (p / "manifest.json").exists()]
+    older = sorted(p for p in committed if p != ckpt)[-1]
+    edit_manifest(ckpt, lambda data: data.update(format_version=data["format_version"] + 1))
+
+    with pytest.raises(CorruptCheckpointError, match=r"format_version 2 was written by a newer lightning-ckpt") as err:
+        read_checkpoint(str(ckpt))
+    assert "Upgrade lightning-ckpt (pip install -U lightning-ckpt)" in str(err.value)
+    assert main(["inspect", str(ckpt)]) != 0
+    assert "Upgrade lightning-ckpt" in capsys.readouterr().err
+    # Today's discovery (lightning_ckpt.discovery.list_committed) skips it with a warning carrying that
+    # message and resumes from the newest checkpoint it can read.
+    with caplog.at_level(logging.WARNING, logger="lightning_ckpt"):
+        assert newest(folder) == older
+    assert any("Upgrade lightning-ckpt" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("version", ["1", 0, None, True])
+def test_a_format_version_that_is_no_version_is_damaged(folder: Path, version: object) -> None:
+    ckpt = newest(folder)
+    edit_manifest(ckpt, lambda data: data.update(format_version=version))
+    with pytest.raises(CorruptCheckpointError, match="is not a lightning-ckpt format version"):
+        read_checkpoint(str(ckpt))
+
+
+def test_manifest_json_holds_the_same_fields_and_values_as_before(trained: Path) -> None:
+    """The faster ``to_json`` writes what ``dataclasses.asdict`` wrote: same fields, same values."""
+    raw = (newest(trained) / "manifest.json").read_bytes()
+    manifest = Manifest.from_json(raw, source="manifest.json")
+    before = dataclasses.asdict(manifest)
+    before["tensors"] = [dataclasses.asdict(t) for t in manifest.tensors.values()]
+    assert json.loads(manifest.to_json()) == json.loads(json.dumps(before))
+    assert json.loads(raw) == json.loads(json.dumps(before))
+    assert Manifest.from_json(manifest.to_json(), source="manifest.json") == manifest
+    assert raw.startswith(b'{\n "created": ') and b'\n  {"device": "cpu", "dtype": "float32", "file": ' in raw
+
+
+@pytest.mark.parametrize("key", ["state_dict/w", 'odd "quoted" \\ key', "état/ünïcode", "tab\there"])
+def test_each_tensor_line_is_what_the_json_encoder_writes(key: str) -> None:
+    entry = TensorEntry(key, "bfloat16", (3, 0, 2), "shard-00000-of-00001.safetensors", 4096, 0, "cuda:1")
+    shard = FileEntry(entry.file, 4096, "crc32:00000000", 0)
+    manifest = Manifest(name="a", epoch=0, global_step=1, world_size=1, files=[shard], tensors={key: entry},
+                        created=0.0, objects_file=None)  # fmt: skip
+    [line] = [line for line in manifest.to_json().decode().split("\n") if line.startswith('  {"device"')]
+    assert line == "  " + json.dumps(dataclasses.asdict(entry), sort_keys=True)
+    assert Manifest.from_json(manifest.to_json(), source="m").tensors[key] == entry
