@@ -36,7 +36,13 @@ import torch
 
 from lightning_ckpt import layout
 from lightning_ckpt.commit import read_pointer
-from lightning_ckpt.errors import CheckpointError, CheckpointNotFoundError, ConfigTypeError, CorruptCheckpointError
+from lightning_ckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigTypeError,
+    CorruptCheckpointError,
+    NewerFormatError,
+)
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.reader import MapLocation, load_checkpoint_dir, read_manifest, verify_files
 from lightning_ckpt.storage import Storage
@@ -74,6 +80,9 @@ def list_committed(storage: Storage, folder: str) -> list[tuple[str, Manifest]]:
         try:
             manifest = read_manifest(storage, path)
             verify_files(storage, path, manifest, checksums=False)
+        except NewerFormatError as err:
+            log.warning("Skipping checkpoint %s, written by a newer lightning-ckpt: %s", name, err)
+            continue
         except CheckpointError as err:
             log.warning("Skipping checkpoint that does not verify: %s", err)
             continue

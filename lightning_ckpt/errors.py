@@ -21,7 +21,9 @@ __all__ = [
     "CorruptCheckpointError",
     "FolderConflictError",
     "FolderInUseError",
+    "NewerFormatError",
     "PlanError",
+    "TargetExistsError",
 ]
 
 
@@ -184,4 +186,20 @@ class TargetExistsError(CheckpointError, FileExistsError):
         ... except TargetExistsError as err:
         ...     print("notes.txt" in str(err), os.listdir(folder))
         True ['notes.txt']
+    """
+
+
+class NewerFormatError(CorruptCheckpointError):
+    """A checkpoint written by a newer lightning-ckpt in a ``format_version`` this version cannot read.
+
+    Nothing is wrong with the checkpoint: upgrade lightning-ckpt to read it. ``"last"`` skips it with a
+    warning that says so.
+
+    Example:
+        >>> from lightning_ckpt.manifest import Manifest
+        >>> try:
+        ...     Manifest.from_json(b'{"format_version": 99}', source="ep1-ba8/manifest.json")
+        ... except NewerFormatError as err:
+        ...     print("Upgrade lightning-ckpt" in str(err))
+        True
     """

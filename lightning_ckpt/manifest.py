@@ -22,7 +22,7 @@ from importlib import metadata as importlib_metadata
 from typing import Any
 
 from lightning_ckpt import layout
-from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.errors import CorruptCheckpointError, NewerFormatError
 from lightning_ckpt.plan import paused_gc
 
 __all__ = ["FileEntry", "Manifest", "TensorEntry"]
@@ -70,7 +70,7 @@ def _check_version(version: object, source: str) -> None:
     if number and version == layout.FORMAT_VERSION:
         return
     if number and version > layout.FORMAT_VERSION:  # type: ignore[operator]
-        raise CorruptCheckpointError(
+        raise NewerFormatError(
             f"{source}: format_version {version} was written by a newer lightning-ckpt; this version"
             f" ({_own_version()}) reads format_version {layout.FORMAT_VERSION} only. Upgrade lightning-ckpt"
             " (pip install -U lightning-ckpt) to read this checkpoint"

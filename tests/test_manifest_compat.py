@@ -20,7 +20,7 @@ import torch
 from lightning_ckpt import CheckpointSaver, latest, read_checkpoint
 from lightning_ckpt.cli import main
 from lightning_ckpt.demo import TinyRegressor, build_trainer
-from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.errors import CorruptCheckpointError, NewerFormatError
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
 
 
@@ -96,11 +96,12 @@ def test_newer_format_version_is_refused_naming_the_upgrade(
     assert "Upgrade lightning-ckpt (pip install -U lightning-ckpt)" in str(err.value)
     assert main(["inspect", str(ckpt)]) != 0
     assert "Upgrade lightning-ckpt" in capsys.readouterr().err
-    # Today's discovery (lightning_ckpt.discovery.list_committed) skips it with a warning carrying that
-    # message and resumes from the newest checkpoint it can read.
+    assert isinstance(err.value, NewerFormatError)
+    # "last" skips it with a warning that says why (not "does not verify") and resumes from the newest it can read.
     with caplog.at_level(logging.WARNING, logger="lightning_ckpt"):
         assert newest(folder) == older
-    assert any("Upgrade lightning-ckpt" in record.getMessage() for record in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if "Upgrade lightning-ckpt" in r.getMessage()]
+    assert warned and all("written by a newer lightning-ckpt" in m and "does not verify" not in m for m in warned)
 
 
 @pytest.mark.parametrize("version", ["1", 0, None, True])
