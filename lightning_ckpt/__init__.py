@@ -16,10 +16,10 @@ if TYPE_CHECKING:
     from lightning_ckpt.callback import CheckpointSaver
     from lightning_ckpt.collective import WriterHook
     from lightning_ckpt.discovery import latest
-    from lightning_ckpt.dist import CollectiveError
     from lightning_ckpt.errors import (
         CheckpointError,
         CheckpointNotFoundError,
+        CollectiveError,
         ConfigError,
         ConfigTypeError,
         CorruptCheckpointError,
@@ -39,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "CheckpointError": "lightning_ckpt.errors",
     "CheckpointNotFoundError": "lightning_ckpt.errors",
     "CheckpointSaver": "lightning_ckpt.callback",
-    "CollectiveError": "lightning_ckpt.dist",
+    "CollectiveError": "lightning_ckpt.errors",
     "ConfigError": "lightning_ckpt.errors",
     "ConfigTypeError": "lightning_ckpt.errors",
     "CorruptCheckpointError": "lightning_ckpt.errors",

@@ -45,7 +45,7 @@ from lightning_ckpt.interval import (
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.plugin import ShardedCheckpointIO
-from lightning_ckpt.policies import CheckpointRecord, build_retention_policy
+from lightning_ckpt.policies import AnyOf, CheckpointRecord, KeepBest, best_records, build_retention_policy
 from lightning_ckpt.preemption import DEFAULT_SIGNALS, PREEMPTION_CHECK_S, PreemptionWatch, parse_signals
 from lightning_ckpt.reader import read_manifest
 from lightning_ckpt.rotation import METRIC_KEY, RUN_ID_KEY, check_writable, delete_checkpoints, rotate, scan_records
@@ -59,6 +59,11 @@ __all__ = ["CheckpointSaver"]
 log = logging.getLogger("lightning_ckpt")
 
 IgnoreKeys = Sequence[str] | Callable[[dict[str, Any]], None] | None
+
+_FIXED = (
+    "CheckpointSaver.{name} is fixed at construction (the retention policy ranks by it): pass"
+    " CheckpointSaver(..., {name}={value!r}) instead of setting it afterwards"
+)
 
 
 def _check_bool(argument: str, value: object) -> bool:
@@ -312,9 +317,8 @@ class CheckpointSaver(Checkpoint):
             num_best_to_keep=best,
             mode=mode,
         )
-        self.monitor = monitor
-        self.mode = mode
-        self._best_k = best
+        self._monitor = monitor
+        self._unranked_mode = mode  # ``mode`` when the policy keeps none by metric
         if run_name is not None and (not isinstance(run_name, str) or not layout.is_plain_name(run_name)):
             raise ConfigError("run_name", run_name, "'llama-ft-7'")
         self.run_name = run_name or _lightning.default_run_name()
@@ -333,7 +337,6 @@ class CheckpointSaver(Checkpoint):
         self.upload_timeout_in_seconds = upload_timeout_in_seconds
         self._records: list[CheckpointRecord] = []
         self._warned: set[tuple[str, str]] = set()  # (argument, metric) already warned about
-        self._last_saved_step: int | None = None
         self._resumed_from: str | None = None
         self._io: ShardedCheckpointIO | None = None
         self._run_id: str | None = None
@@ -448,6 +451,39 @@ class CheckpointSaver(Checkpoint):
         return all(parsed[key] == value for key, value in own.items() if key in parsed)
 
     @property
+    def monitor(self) -> str | None:
+        """The logged metric checkpoints are ranked by (``None``: none), as given; read-only.
+
+        Example:
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> CheckpointSaver("/data/runs/a", monitor="val_loss", run_name="demo").monitor
+            'val_loss'
+        """
+        return self._monitor
+
+    @monitor.setter
+    def monitor(self, value: object) -> None:
+        raise AttributeError(_FIXED.format(name="monitor", value=value))
+
+    @property
+    def mode(self) -> str:
+        """``"min"`` or ``"max"``, read from the retention policy, so retention and :attr:`best_model_path` agree.
+
+        Example:
+            >>> from lightning_ckpt import CheckpointSaver
+            >>> saver = CheckpointSaver("/data/runs/a", monitor="acc", mode="max", num_checkpoints_to_keep=0,
+            ...                         run_name="demo")
+            >>> saver.mode, saver.retention
+            ('max', KeepBest(k=1, mode='max'))
+        """
+        parts = self.retention.policies if isinstance(self.retention, AnyOf) else (self.retention,)
+        return next((p.mode for p in parts if isinstance(p, KeepBest)), self._unranked_mode)
+
+    @mode.setter
+    def mode(self, value: object) -> None:
+        raise AttributeError(_FIXED.format(name="mode", value=value))
+
+    @property
     def best_model_path(self) -> str:
         """Path of the best checkpoint by ``monitor`` (``""`` without one), for ``ckpt_path="best"``.
 
@@ -461,11 +497,10 @@ class CheckpointSaver(Checkpoint):
             >>> os.path.basename(saver.best_model_path) in saver.saved_checkpoints
             True
         """
-        scored = [r for r in self._records if r.metric is not None]
-        if not scored or self._folder is None:
+        best = best_records(self._records, self.mode, 1)  # the rule KeepBest keeps by: NaN is never best
+        if not best or self._folder is None:
             return self._best_from_workers
-        pick = min if self.mode == "min" else max
-        return os.path.join(self._folder, pick(scored, key=lambda r: r.metric or 0.0).name)
+        return os.path.join(self._folder, best[0].name)
 
     @best_model_path.setter
     def best_model_path(self, path: str) -> None:
@@ -729,7 +764,7 @@ class CheckpointSaver(Checkpoint):
         """What a resumed run needs: the checkpoints this saver keeps (to rotate), the last saved step, the run id."""
         return {
             "saved": [r.__dict__.copy() for r in self._records],
-            "last_saved_step": self._last_saved_step,
+            "last_saved_step": self.save_interval.last_saved_batch,
             "run_id": self._run_id,
         }
 
@@ -737,7 +772,7 @@ class CheckpointSaver(Checkpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, from the checkpoint a run resumes from."""
         self._records = [CheckpointRecord(**r) for r in state_dict.get("saved", [])]
-        self._last_saved_step = state_dict.get("last_saved_step")
+        self.save_interval.note_saved(state_dict.get("last_saved_step"))
         self._run_id = state_dict.get("run_id")
 
     # -- saving ----------------------------------------------------------------------------------
@@ -747,9 +782,9 @@ class CheckpointSaver(Checkpoint):
             self._log_finished_saves(trainer)
         if self._preemption.signals and self._preempted(trainer, event):
             self._save_and_exit(trainer)
-        if step == self._last_saved_step or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
-            return
         schedule = self.save_interval
+        if step == schedule.last_saved_batch or trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return
         if schedule.needs_agreement and trainer.world_size > 1:
             at_batch = event is Event.BATCH_END
             if at_batch and not self._cadence.is_check_step(step):  # between agreements: no collective, no clock
@@ -789,7 +824,7 @@ class CheckpointSaver(Checkpoint):
         """Save now (unless this step is saved), wait until committed and uploaded, end the process cleanly."""
         signalled = self._preemption.received or "a signal on another rank"
         log.warning("Preemption (%s): saving a checkpoint at step %d, then stopping", signalled, trainer.global_step)
-        if trainer.global_step != self._last_saved_step:
+        if trainer.global_step != self.save_interval.last_saved_batch:
             self.save(trainer)
         assert self._io is not None
         self._io.wait_for_save()
@@ -829,7 +864,7 @@ class CheckpointSaver(Checkpoint):
         metric = progress.metrics.get(self.monitor) if self.monitor else None
         record = CheckpointRecord(name=name, epoch=progress.epoch, step=progress.batch, metric=metric)
         self._records = [r for r in self._records if r.name != name] + [record]
-        self._last_saved_step = progress.batch
+        self.save_interval.note_saved(progress.batch)  # the schedule holds the last saved step; the saver asks it
         checkpoint = _lightning.dump_checkpoint(trainer, self.weights_only)
         if callable(self.ignore_keys):
             self.ignore_keys(checkpoint)

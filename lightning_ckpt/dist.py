@@ -3,16 +3,28 @@
 Every exchange goes through the store that ``torch.distributed`` was initialised with (a
 ``TCPStore`` under torchrun and Lightning), never through NCCL or gloo collectives, so it
 behaves the same for every backend, has a real timeout, and can name the ranks that failed.
+No other module touches the store: uploads (:mod:`lightning_ckpt.upload`) and pending async
+saves (:mod:`lightning_ckpt.inflight`) report and announce through :class:`Exchange` too.
 
-============================  ===========================================  ========================
-operation                     with a process group (N ranks)               single process
-============================  ===========================================  ========================
-:meth:`Exchange.barrier`      every rank posts ``ok`` or its error plus a  returns own payload;
-                              payload, then waits for all; raises          raises own error
-                              :class:`CollectiveError` naming failed and
-                              missing ranks
-:meth:`Exchange.broadcast`    rank ``src`` posts a value, others wait      returns the value
-============================  ===========================================  ========================
+================================  ===========================================  ========================
+operation                         with a process group (N ranks)               single process
+================================  ===========================================  ========================
+:meth:`Exchange.barrier`          every rank posts ``ok`` or its error plus a  returns own payload;
+                                  payload, then waits for all; raises          raises own error
+                                  :class:`CollectiveError` naming failed and
+                                  missing ranks
+:meth:`Exchange.broadcast`        rank ``src`` posts a value, others wait      returns the value
+:meth:`Exchange.report`           posts this rank's status, returns at once    does nothing
+:meth:`Exchange.await_reports`    waits for the statuses of the given ranks;   returns ``{}``
+                                  raises :class:`CollectiveError` naming
+                                  those that did not report
+:meth:`Exchange.announce`         sets a named status any rank can read        does nothing
+:meth:`Exchange.announced`        the status of the first announced name       returns ``None``
+:meth:`Exchange.wait_announced`   polls while that status is ``"pending"``     returns ``True``
+================================  ===========================================  ========================
+
+``report`` / ``await_reports`` and the three ``announce`` methods only set, read and poll store
+keys: they never run a collective, so they are safe on a background thread (uploads, async saves).
 
 Example:
     >>> ex = Exchange.current(prefix="doc", timeout_s=5)
@@ -25,14 +37,18 @@ Example:
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.errors import CollectiveError  # re-exported: its home was this module
 
 __all__ = ["CollectiveError", "Exchange", "default_store", "exchange_rank"]
+
+_POLL_S = 0.05  # how often wait_announced reads the store
 
 
 def default_store() -> Any:
@@ -57,40 +73,6 @@ def exchange_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-class CollectiveError(CheckpointError):
-    """One or more ranks failed or did not arrive; raised on every rank that is still alive.
-
-    Attributes:
-        phase: the step of the protocol that failed (e.g. ``"written"``).
-        failed: ``{rank: error message}`` of ranks that reported an error.
-        missing: ranks that did not arrive within the timeout.
-
-    Example:
-        >>> err = CollectiveError("written", {1: "OSError: disk full"}, missing=[3], timeout_s=600)
-        >>> print(err)
-        checkpoint written failed on rank(s) [1, 3]: rank 1: OSError: disk full; rank(s) 3 did not arrive within 600 s
-        >>> err.failed, err.missing
-        ({1: 'OSError: disk full'}, [3])
-    """
-
-    def __init__(self, phase: str, failed: dict[int, str], missing: list[int], timeout_s: float) -> None:
-        self.phase, self.failed, self.missing = phase, failed, missing
-        parts = [f"rank {r}: {msg}" for r, msg in sorted(failed.items())]
-        if missing:
-            parts.append(f"rank(s) {', '.join(map(str, missing))} did not arrive within {timeout_s:g} s")
-        super().__init__(f"checkpoint {phase} failed on rank(s) {self.ranks}: " + "; ".join(parts))
-
-    @property
-    def ranks(self) -> list[int]:
-        """Every rank that failed or went missing, sorted.
-
-        Example:
-            >>> CollectiveError("committed", {2: "OSError: quota"}, missing=[0], timeout_s=60).ranks
-            [0, 2]
-        """
-        return sorted({*self.failed, *self.missing})
-
-
 class Exchange:
     """Named rounds of messages between ranks over the default store.
 
@@ -109,19 +91,26 @@ class Exchange:
         self._fresh: list[str] = []  # own keys of the latest round: others may still be reading them
 
     @classmethod
-    def current(cls, *, prefix: str, timeout_s: float) -> Exchange:
-        """The exchange for the initialised default process group (or a single-process one)."""
-        store = default_store()
+    def current(cls, *, prefix: str, timeout_s: float, store: Any = None) -> Exchange:
+        """The exchange for the initialised default process group (or a single-process one).
+
+        ``store`` replaces the default group's store (e.g. a ``HashStore`` in tests).
+        """
+        store = store if store is not None else default_store()
         if store is None:
             return cls(None, 0, 1, prefix, timeout_s)
-        return cls(store, dist.get_rank(), dist.get_world_size(), prefix, timeout_s)
+        initialised = dist.is_available() and dist.is_initialized()
+        return cls(store, exchange_rank(), dist.get_world_size() if initialised else 1, prefix, timeout_s)
 
     def child(self, prefix: str) -> Exchange:
         """An exchange with the same ranks under another namespace."""
         return Exchange(self.store, self.rank, self.world_size, f"{self.prefix}/{prefix}", self.timeout_s)
 
     def _key(self, phase: str, rank: int) -> str:
-        return f"lightning_ckpt/{self.prefix}/{phase}/{rank}"
+        return self._named(f"{phase}/{rank}")
+
+    def _named(self, name: str) -> str:
+        return f"lightning_ckpt/{self.prefix}/{name}"
 
     def _post(self, key: str, value: str) -> None:
         self.store.set(key, value)
@@ -181,6 +170,91 @@ class Exchange:
         except RuntimeError as err:
             raise CollectiveError(phase, {}, [src], self.timeout_s) from err
         return json.loads(self.store.get(key))
+
+    def report(self, phase: str, status: str) -> None:
+        """Post this rank's ``status`` of ``phase`` and return at once (safe on a background thread).
+
+        Example:
+            >>> from torch.distributed import HashStore
+            >>> rank1 = Exchange(HashStore(), rank=1, world_size=2, prefix="doc", timeout_s=5)
+            >>> rank1.report("uploaded", "ok")
+            >>> Exchange(rank1.store, 0, 2, prefix="doc", timeout_s=5).await_reports("uploaded", ranks=[1])
+            {1: 'ok'}
+        """
+        if self.store is not None:
+            self.store.set(self._key(phase, self.rank), status)
+
+    def await_reports(self, phase: str, ranks: Sequence[int]) -> dict[int, str]:
+        """Wait up to ``timeout_s`` for the :meth:`report` of every rank in ``ranks``; return ``{rank: status}``.
+
+        Raises:
+            CollectiveError: some ranks did not report in time (``missing`` names them).
+
+        Example:
+            >>> from torch.distributed import HashStore
+            >>> rank0 = Exchange(HashStore(), rank=0, world_size=2, prefix="doc", timeout_s=0.1)
+            >>> rank0.report("uploaded", "ok")
+            >>> try:
+            ...     rank0.await_reports("uploaded", ranks=[0, 1])
+            ... except CollectiveError as err:
+            ...     print(err.missing)
+            [1]
+        """
+        if self.store is None:
+            return {}
+        keys = [self._key(phase, r) for r in ranks]
+        try:
+            self.store.wait(keys, timedelta(seconds=self.timeout_s))
+        except RuntimeError as err:  # DistStoreError on timeout
+            missing = [r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])]
+            raise CollectiveError(phase, {}, missing, self.timeout_s) from err
+        return {r: bytes(self.store.get(k)).decode() for r, k in zip(ranks, keys, strict=True)}
+
+    def announce(self, names: Sequence[str], status: str) -> None:
+        """Set ``status`` under each of ``names`` for any rank to read (safe on a background thread).
+
+        Example:
+            >>> from torch.distributed import HashStore
+            >>> ex = Exchange(HashStore(), rank=0, world_size=2, prefix="doc", timeout_s=1)
+            >>> ex.announce(["/runs/a/ep0-ba8", "/runs/a/"], "pending")
+            >>> ex.announced(["/runs/a/ep0-ba4", "/runs/a/"]), ex.announced(["/runs/b/"])
+            ('pending', None)
+        """
+        if self.store is not None:
+            for name in names:
+                self.store.set(self._named(name), status)
+
+    def announced(self, names: Sequence[str]) -> str | None:
+        """The status of the first of ``names`` that was announced (``None``: none was).
+
+        Example:
+            >>> Exchange(None, 0, 1, prefix="doc", timeout_s=1).announced(["/runs/a/ep0-ba8"]) is None
+            True
+        """
+        if self.store is None:
+            return None
+        for name in names:
+            key = self._named(name)
+            if self.store.check([key]):
+                return bytes(self.store.get(key)).decode()
+        return None
+
+    def wait_announced(self, names: Sequence[str], pending: str = "pending") -> bool:
+        """Poll every 50 ms while :meth:`announced` is ``pending``; ``False`` if it still is after ``timeout_s``.
+
+        Example:
+            >>> from torch.distributed import HashStore
+            >>> ex = Exchange(HashStore(), rank=0, world_size=2, prefix="doc", timeout_s=0.1)
+            >>> ex.announce(["/runs/a/ep0-ba8"], "pending")
+            >>> ex.wait_announced(["/runs/a/ep0-ba8"]), ex.wait_announced(["/runs/b/ep0-ba8"])
+            (False, True)
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while self.announced(names) == pending:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(_POLL_S)
+        return True
 
     def cleanup(self) -> None:
         """Delete this rank's remaining keys. Call only once every rank has passed the last round

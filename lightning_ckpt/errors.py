@@ -16,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "CollectiveError",
     "ConfigError",
     "ConfigTypeError",
     "CorruptCheckpointError",
@@ -24,6 +25,7 @@ __all__ = [
     "NewerFormatError",
     "PlanError",
     "TargetExistsError",
+    "UploadError",
 ]
 
 
@@ -167,6 +169,53 @@ class PlanError(CheckpointError):
         ... except PlanError as err:
         ...     print(str(err).split(",")[0])
         tensor 'state_dict/w' is held by rank 1 but not by rank 0
+    """
+
+
+class CollectiveError(CheckpointError):
+    """One or more ranks failed or did not arrive; raised on every rank that is still alive.
+
+    Attributes:
+        phase: the step of the protocol that failed (e.g. ``"written"``).
+        failed: ``{rank: error message}`` of ranks that reported an error.
+        missing: ranks that did not arrive within the timeout.
+
+    Example:
+        >>> err = CollectiveError("written", {1: "OSError: disk full"}, missing=[3], timeout_s=600)
+        >>> print(err)
+        checkpoint written failed on rank(s) [1, 3]: rank 1: OSError: disk full; rank(s) 3 did not arrive within 600 s
+        >>> err.failed, err.missing
+        ({1: 'OSError: disk full'}, [3])
+    """
+
+    def __init__(self, phase: str, failed: dict[int, str], missing: list[int], timeout_s: float) -> None:
+        self.phase, self.failed, self.missing = phase, failed, missing
+        parts = [f"rank {r}: {msg}" for r, msg in sorted(failed.items())]
+        if missing:
+            parts.append(f"rank(s) {', '.join(map(str, missing))} did not arrive within {timeout_s:g} s")
+        super().__init__(f"checkpoint {phase} failed on rank(s) {self.ranks}: " + "; ".join(parts))
+
+    @property
+    def ranks(self) -> list[int]:
+        """Every rank that failed or went missing, sorted.
+
+        Example:
+            >>> CollectiveError("committed", {2: "OSError: quota"}, missing=[0], timeout_s=60).ranks
+            [0, 2]
+        """
+        return sorted({*self.failed, *self.missing})
+
+
+class UploadError(CheckpointError, RuntimeError):
+    """Another rank's upload failed, or did not report within the upload timeout (also a ``RuntimeError``).
+
+    Raised on the committing rank, which then does not commit the checkpoint remotely (see
+    :mod:`lightning_ckpt.upload`); the local committed copies are kept.
+
+    Example:
+        >>> err = UploadError("checkpoint ep0-ba8: rank(s) [1] did not finish uploading within 60 s")
+        >>> isinstance(err, CheckpointError), isinstance(err, RuntimeError)
+        (True, True)
     """
 
 

@@ -6,7 +6,9 @@ checkpoint is committed, so a rank that loads it right after the barrier could f
 therefore marks the path as *pending* in the process group's key-value store before its save call
 returns, and as *done* (or *failed*) when the background write ends; ``load_checkpoint`` on any rank
 waits while the path it asks for, or the folder holding it, is pending. A single process has no
-store and nothing to wait for.
+store and nothing to wait for. The marks go through :class:`~lightning_ckpt.dist.Exchange`
+(``announce`` / ``announced`` / ``wait_announced``): store writes and reads, never a collective, so
+the background thread that finishes the save can set them.
 
 Example:
     >>> from torch.distributed import HashStore
@@ -23,24 +25,27 @@ Example:
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
-from lightning_ckpt.dist import default_store
+from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CheckpointError
 
 __all__ = ["announce", "state", "wait_until_written"]
 
-_PREFIX = "lightning_ckpt/inflight/"
-_POLL_S = 0.05
+_PREFIX = "inflight"  # the store namespace of the marks
 
 
-def _keys(path: str) -> list[str]:
-    """The store keys of a checkpoint path and of its folder (a load may name either)."""
+def _names(path: str) -> list[str]:
+    """The names of a checkpoint path and of its folder (a load may name either)."""
     full = path.rstrip("/") if "://" in path else os.path.abspath(path)
     folder = full.rsplit("/", 1)[0] if "/" in full else full
-    return [_PREFIX + full, _PREFIX + folder + "/"]
+    return [full, folder + "/"]
+
+
+def _exchange(store: Any, timeout_s: float = 0.0) -> Exchange:
+    """The exchange over ``store`` (default: the process group's; none for a single process)."""
+    return Exchange.current(prefix=_PREFIX, timeout_s=timeout_s, store=store)
 
 
 def announce(path: str, store: Any = None) -> Callable[[bool], None]:
@@ -48,21 +53,22 @@ def announce(path: str, store: Any = None) -> Callable[[bool], None]:
 
     Without a multi-rank process group (and no ``store`` given) nothing is stored.
     """
-    store = store if store is not None else default_store()
-    if store is None:
-        return lambda ok: None
-    keys = _keys(path)
-    for key in keys:
-        store.set(key, "pending")
+    exchange, names = _exchange(store), _names(path)
+    exchange.announce(names, "pending")
 
     def finished(ok: bool) -> None:
         try:
-            for key in keys:
-                store.set(key, "done" if ok else "failed")
+            exchange.announce(names, "done" if ok else "failed")
         except Exception:  # the process group is gone (the job is ending): nobody is left to wait
             pass
 
     return finished
+
+
+def _looked_up(path: str) -> list[str]:
+    """The names a load of ``path`` waits on: the checkpoint itself, or ``path`` as the folder of one."""
+    full = _names(path)[0]
+    return [full, full + "/"]
 
 
 def state(path: str, store: Any = None) -> str | None:
@@ -70,14 +76,7 @@ def state(path: str, store: Any = None) -> str | None:
 
     A path is pending while a save of it, or of any checkpoint in it (when ``path`` is a folder), is.
     """
-    store = store if store is not None else default_store()
-    if store is None:
-        return None
-    full = _keys(path)[0]
-    for key in (full, full + "/"):  # the checkpoint itself, or ``path`` as the folder of one
-        if store.check([key]):
-            return bytes(store.get(key)).decode()
-    return None
+    return _exchange(store).announced(_looked_up(path))
 
 
 def wait_until_written(path: str, timeout_s: float, store: Any = None) -> None:
@@ -86,14 +85,8 @@ def wait_until_written(path: str, timeout_s: float, store: Any = None) -> None:
     Raises:
         CheckpointError: still pending after ``timeout_s`` seconds (names the path and the limit).
     """
-    store = store if store is not None else default_store()
-    if store is None:
-        return
-    deadline = time.monotonic() + timeout_s
-    while state(path, store) == "pending":
-        if time.monotonic() > deadline:
-            raise CheckpointError(
-                f"{path}: another rank was still writing this checkpoint after {timeout_s:g} s "
-                "(ShardedCheckpointIO(barrier_timeout_s=...) sets the limit)"
-            )
-        time.sleep(_POLL_S)
+    if not _exchange(store, timeout_s).wait_announced(_looked_up(path)):
+        raise CheckpointError(
+            f"{path}: another rank was still writing this checkpoint after {timeout_s:g} s "
+            "(ShardedCheckpointIO(barrier_timeout_s=...) sets the limit)"
+        )

@@ -104,6 +104,25 @@ class SaveSchedule(abc.ABC):
     """For schedules that need agreement: how late a save may come, in seconds, so ranks need to agree
     only about that often (see :class:`AgreementCadence`); ``None``: agree at every save point."""
 
+    last_saved_batch: int | None = None
+    """The step of the newest checkpoint saved (``None`` before the first): the one place this fact lives.
+    :meth:`mark_saved` sets it, and so does :meth:`note_saved`; :class:`EveryNBatches` is not due at it again,
+    and :class:`~lightning_ckpt.CheckpointSaver` never saves that step twice (it keeps it across restarts)."""
+
+    def note_saved(self, batch: int | None) -> None:
+        """Record ``batch`` as the step of the newest checkpoint, without the :meth:`mark_saved` hook.
+
+        For saves the schedule did not ask for (an explicit save, a preemption, a restored state): they must
+        not restart a clock.
+
+        Example:
+            >>> schedule = parse_save_interval("30min")
+            >>> schedule.note_saved(200)
+            >>> schedule.last_saved_batch
+            200
+        """
+        object.__setattr__(self, "last_saved_batch", batch)  # a frozen dataclass schedule is told too
+
     def start(self, now: float) -> None:  # noqa: B027 (optional hook)
         """Called once at fit start with the current :func:`time.monotonic` reading.
 
@@ -126,8 +145,8 @@ class SaveSchedule(abc.ABC):
             [False, True, False, True]
         """
 
-    def mark_saved(self, point: SavePoint, now: float) -> None:  # noqa: B027 (optional hook)
-        """Called after a checkpoint was saved at ``point``.
+    def mark_saved(self, point: SavePoint, now: float) -> None:
+        """Called after a checkpoint was saved at ``point``: records its step (overrides call ``super().mark_saved``).
 
         Example:
             >>> schedule, point = parse_save_interval("5ba"), SavePoint(Event.BATCH_END, epoch=0, batch=10)
@@ -137,6 +156,7 @@ class SaveSchedule(abc.ABC):
             >>> schedule.is_due(point)
             False
         """
+        self.note_saved(point.batch)
 
 
 def _positive_int(argument: str, value: object, example: str) -> int:
@@ -168,7 +188,7 @@ class EveryNBatches(SaveSchedule):
     """Due at the end of a batch when ``batch > 0`` and ``batch % n == 0``.
 
     With gradient accumulation ``global_step`` repeats over several batches; a step already saved
-    is not due again.
+    (:attr:`~SaveSchedule.last_saved_batch`) is not due again.
 
     Example:
         >>> EveryNBatches(500).is_due(SavePoint(Event.BATCH_END, epoch=0, batch=1000))
@@ -177,17 +197,12 @@ class EveryNBatches(SaveSchedule):
 
     def __init__(self, n: int) -> None:
         self.n = _positive_int("n", n, "500")
-        self._last_saved: int | None = None
 
     def is_due(self, point: SavePoint, trainer: object = None, now: float | None = None) -> bool:
         """See :meth:`SaveSchedule.is_due`."""
-        if point.event is not Event.BATCH_END or point.batch <= 0 or point.batch == self._last_saved:
+        if point.event is not Event.BATCH_END or point.batch <= 0 or point.batch == self.last_saved_batch:
             return False
         return point.batch % self.n == 0
-
-    def mark_saved(self, point: SavePoint, now: float) -> None:
-        """Remember the saved step so it is not saved twice."""
-        self._last_saved = point.batch
 
     def __repr__(self) -> str:
         return f"EveryNBatches({self.n})"
@@ -225,7 +240,8 @@ class EveryDuration(SaveSchedule):
         return now - self._last >= self.seconds
 
     def mark_saved(self, point: SavePoint, now: float) -> None:
-        """Restart the clock."""
+        """Record the step and restart the clock."""
+        super().mark_saved(point, now)
         self._last = now
 
     def __repr__(self) -> str:

@@ -508,6 +508,10 @@ class ShardedCheckpointIO(CheckpointIO):
     def uploader(self, remote_folder_url: str) -> Uploader:
         """This rank's background uploader for a remote folder (made on first use).
 
+        The plugin owns the upload settings (``num_concurrent_uploads``, ``upload_timeout_s``, ``upload_retry``);
+        an uploader built with other values (they changed after it was made, e.g. set by a
+        :class:`~lightning_ckpt.CheckpointSaver`) first finishes its queued uploads, in order, and is replaced.
+
         Example:
             >>> import tempfile
             >>> io = ShardedCheckpointIO(cache_dir=tempfile.mkdtemp(), num_concurrent_uploads=8)
@@ -516,16 +520,28 @@ class ShardedCheckpointIO(CheckpointIO):
             (True, 8)
             >>> io.teardown()  # stops the uploader's threads
         """
-        if remote_folder_url not in self._uploaders:
-            storage, folder = Storage.open(remote_folder_url, self.storage_options)
-            self._uploaders[remote_folder_url] = Uploader(
-                storage,
-                folder,
-                num_concurrent_uploads=self.num_concurrent_uploads,
-                upload_timeout_s=self.upload_timeout_s,
-                policy=self.upload_retry,
-            )
-        return self._uploaders[remote_folder_url]
+        current = self._uploaders.get(remote_folder_url)
+        if current is not None and _settings_of(current) == self._upload_settings():
+            return current
+        storage, folder = Storage.open(remote_folder_url, self.storage_options)
+        fresh = Uploader(
+            storage,
+            folder,
+            num_concurrent_uploads=self.num_concurrent_uploads,
+            upload_timeout_s=self.upload_timeout_s,
+            policy=self.upload_retry,
+        )
+        self._uploaders[remote_folder_url] = fresh
+        if current is not None:
+            try:
+                current.close()  # its queued uploads finish first: checkpoints reach the store in order
+            finally:
+                fresh.committed[:0] = current.committed  # local copies of those are still pruned
+        return fresh
+
+    def _upload_settings(self) -> tuple[int, float, RetryPolicy]:
+        """What every uploader of this plugin is built with (the plugin's attributes are the one owner)."""
+        return self.num_concurrent_uploads, self.upload_timeout_s, self.upload_retry
 
     def wait_for_uploads(self) -> None:
         """Block until this rank's uploads are done (bounded by ``upload_timeout_in_seconds``); raise their error.
@@ -756,6 +772,11 @@ def _yield_cpu_to_training() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
     except (AttributeError, OSError):  # not Linux, or not allowed: keep the default priority
         pass
+
+
+def _settings_of(uploader: Uploader) -> tuple[int, float, RetryPolicy]:
+    """The settings ``uploader`` was built with, comparable with :meth:`ShardedCheckpointIO._upload_settings`."""
+    return uploader.num_concurrent_uploads, uploader.upload_timeout_s, uploader.policy
 
 
 def prune_local_copies(local_root: str, *, keep: str, uploaded: Sequence[str]) -> None:

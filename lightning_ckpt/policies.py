@@ -27,6 +27,7 @@ __all__ = [
     "KeepEveryNSteps",
     "KeepLatest",
     "RetentionPolicy",
+    "best_records",
     "build_retention_policy",
     "plan_deletions",
 ]
@@ -65,6 +66,25 @@ def _int_at_least(argument: str, value: object, low: int, example: str) -> int:
 
 def _by_step(records: Sequence[CheckpointRecord]) -> list[CheckpointRecord]:
     return sorted(records, key=lambda record: record.step)
+
+
+def best_records(records: Sequence[CheckpointRecord], mode: str, k: int) -> list[CheckpointRecord]:
+    """The ``k`` records with the best metric, best first: the one rule for "best" in this package.
+
+    A lower metric is better with ``mode="min"``, a higher one with ``"max"``; ties go to the newer
+    step. Records whose metric is ``None`` or NaN are never among the best.
+
+    Example:
+        >>> records = [CheckpointRecord("a", 0, 1, 0.5), CheckpointRecord("b", 0, 2, float("nan")),
+        ...            CheckpointRecord("c", 0, 3, 0.5), CheckpointRecord("d", 0, 4, 0.9)]
+        >>> [r.name for r in best_records(records, "min", 2)], [r.name for r in best_records(records, "max", 1)]
+        (['c', 'a'], ['d'])
+    """
+    if mode not in _MODES:
+        raise ConfigError("mode", mode, "'min' or 'max'")
+    sign = 1.0 if mode == "min" else -1.0
+    scored = [(sign * r.metric, -r.step, r) for r in records if r.metric is not None and not math.isnan(r.metric)]
+    return [record for *_, record in sorted(scored, key=lambda item: item[:2])[:k]]
 
 
 class RetentionPolicy(abc.ABC):
@@ -145,7 +165,7 @@ class KeepEveryNSteps(RetentionPolicy):
 class KeepBest(RetentionPolicy):
     """Keeps the ``k`` checkpoints with the best metric; ties go to the newer step.
 
-    Records whose metric is ``None`` or NaN are never among the best.
+    Records whose metric is ``None`` or NaN are never among the best (see :func:`best_records`).
 
     Example:
         >>> records = [CheckpointRecord("a", 0, 1, 0.5), CheckpointRecord("b", 0, 2, 0.9)]
@@ -163,10 +183,7 @@ class KeepBest(RetentionPolicy):
 
     def keep(self, records: Sequence[CheckpointRecord]) -> set[str]:
         """See :meth:`RetentionPolicy.keep`."""
-        sign = 1.0 if self.mode == "min" else -1.0
-        scored = [r for r in records if r.metric is not None and not math.isnan(r.metric)]
-        ranked = sorted(scored, key=lambda r: (sign * float(r.metric or 0.0), -r.step))
-        return {record.name for record in ranked[: self.k]}
+        return {record.name for record in best_records(records, self.mode, self.k)}
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ own files to its uploader. The jobs run on one background thread, one checkpoint
 each uploading ``num_concurrent_uploads`` files at once (each file multipart-parallel, retried;
 see :mod:`lightning_ckpt.transfer`). Then:
 
-1. (every rank) report "uploaded" or the error under a store key of this checkpoint;
-2. (the committing rank) wait for every member's report, upload ``manifest.json`` last
+1. (every rank) report "ok" or the error for this checkpoint (:meth:`~lightning_ckpt.dist.Exchange.report`);
+2. (the committing rank) wait for every member's report
+   (:meth:`~lightning_ckpt.dist.Exchange.await_reports`), upload ``manifest.json`` last
    (the remote commit: readers never see a half-uploaded checkpoint as committed), then the
    ``latest.symlink`` pointer, then run the queued rotation (deletions only after the new
    checkpoint is committed remotely).
@@ -37,10 +38,11 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from lightning_ckpt import _faults, layout
+from lightning_ckpt.dist import Exchange
+from lightning_ckpt.errors import CollectiveError, UploadError  # UploadError re-exported: its home was here
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, put_file, with_retries
@@ -49,9 +51,7 @@ __all__ = ["UploadError", "UploadJob", "Uploader"]
 
 log = logging.getLogger("lightning_ckpt")
 
-
-class UploadError(RuntimeError):
-    """Another rank's upload failed, or did not report within the upload timeout."""
+_REPORT = "uploaded"  # the phase of each rank's report: "ok" or its error
 
 
 @dataclass
@@ -171,7 +171,7 @@ class Uploader:
     def _run(self, job: UploadJob) -> None:
         try:
             self._upload_files(job)
-            self._report(job, "ok")
+            self._exchange(job).report(_REPORT, "ok")
             if job.commit:
                 self._await_members(job)
                 self._commit(job)
@@ -184,8 +184,8 @@ class Uploader:
                 f"lightning_ckpt: while uploading checkpoint {job.name} to {self.storage.url(self.remote_folder)};"
                 f" its local committed copy is kept in {job.local_dir}"
             )
-            if job.store is not None and not job.commit:
-                self._report(job, f"{type(err).__name__}: {err}")
+            if not job.commit:
+                self._exchange(job).report(_REPORT, f"{type(err).__name__}: {err}")
             with self._lock:
                 self._errors.append(err)
             log.error("Upload of checkpoint %s failed: %s: %s", job.name, type(err).__name__, err)
@@ -211,23 +211,24 @@ class Uploader:
             job.stats.upload_s, job.stats.upload_bytes = elapsed, size
         log.debug("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6, elapsed)
 
-    def _report(self, job: UploadJob, status: str) -> None:
-        if job.store is not None:
-            job.store.set(f"{job.key}/{job.rank}", status)
+    def _exchange(self, job: UploadJob) -> Exchange:
+        """Where the members of ``job`` report: its store, under its key (the same on every member).
+
+        Only :meth:`~Exchange.report` and :meth:`~Exchange.await_reports` run on it (no collective: this is the
+        upload thread), so its world size is just large enough to hold every member's rank.
+        """
+        prefix = job.key.removeprefix("lightning_ckpt/")  # the plugin passes the full key; Exchange adds the root
+        return Exchange(job.store, job.rank, max(job.members, default=0) + 1, prefix, self.upload_timeout_s)
 
     def _await_members(self, job: UploadJob) -> None:
-        if job.store is None:
-            return
-        keys = [f"{job.key}/{r}" for r in job.members]
         try:
-            job.store.wait(keys, timedelta(seconds=self.upload_timeout_s))
-        except RuntimeError as err:
-            missing = [r for r, k in zip(job.members, keys, strict=True) if not job.store.check([k])]
+            statuses = self._exchange(job).await_reports(_REPORT, job.members)
+        except CollectiveError as err:
             raise UploadError(
-                f"checkpoint {job.name}: rank(s) {missing} did not finish uploading within {self.upload_timeout_s:g} s"
+                f"checkpoint {job.name}: rank(s) {err.missing} did not finish uploading within"
+                f" {self.upload_timeout_s:g} s"
             ) from err
-        failed = {r: job.store.get(k).decode() for r, k in zip(job.members, keys, strict=True)}
-        failed = {r: s for r, s in failed.items() if s != "ok"}
+        failed = {r: s for r, s in statuses.items() if s != "ok"}
         if failed:
             raise UploadError(f"checkpoint {job.name}: upload failed on rank(s) {sorted(failed)}: {failed}")
 
