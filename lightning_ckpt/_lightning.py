@@ -279,37 +279,33 @@ def replicated_test(trainer: Trainer) -> Callable[[str, torch.Tensor], bool] | N
     return is_replicated
 
 
-def check_strategy_savable(trainer: Trainer, checkpoint: dict[str, Any] | None = None) -> None:
-    """Refuse, on every rank alike, what a collective save cannot write correctly under this trainer's strategy.
+def check_strategy_savable(trainer: Trainer) -> None:
+    """Refuse, on every rank alike and before any training, a strategy whose collective saves would be wrong.
 
     FSDP and ModelParallel strategies give each rank sharded tensors (``DTensor``, ``ShardedTensor``)
     or gather a full dict on rank 0 only; their own loaders read neither this format nor a dict
-    missing a rank's shards. The decision depends on the strategy type alone, which every rank shares,
-    so every rank raises here before any rank posts anything. Without ``checkpoint`` (at the start of
-    ``fit``, before any training time is spent) the example key comes from the module's parameters.
+    missing a rank's shards. The decision depends on the strategy type alone, which every rank shares.
+    The example key comes from the module's parameters. (Any distributed tensor that still reaches a
+    save is refused by the save plan, :mod:`lightning_ckpt.agree`.)
     """
     strategy = trainer.strategy
     if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or trainer.world_size == 1:
         return
     from lightning_ckpt.errors import PlanError
-    from lightning_ckpt.sharded import distributed_tensor_kind, find_distributed_tensor
+    from lightning_ckpt.sharded import distributed_tensor_kind
 
-    if checkpoint is None:
-        names = [f"state_dict/{name}" for name, _ in trainer.lightning_module.named_parameters()]
-        kinds = [distributed_tensor_kind(p) for _, p in trainer.lightning_module.named_parameters()]
-        full = (
-            not getattr(strategy, "_save_distributed_checkpoint", True)
-            or getattr(strategy, "_state_dict_type", "sharded") == "full"
-        )
-        sharded = next((i for i, kind in enumerate(kinds) if kind), 0)
-        found = (names[sharded], "" if full else kinds[sharded] or "ShardedTensor") if names else None
+    named = list(trainer.lightning_module.named_parameters())
+    full = (
+        not getattr(strategy, "_save_distributed_checkpoint", True)
+        or getattr(strategy, "_state_dict_type", "sharded") == "full"
+    )
+    sharded = next(((name, kind) for name, p in named if (kind := distributed_tensor_kind(p))), None)
+    example = sharded or (named[0][0], "ShardedTensor") if named else None
+    if example is not None and not full:
+        what = f"its checkpoint dict holds {example[1]} values (e.g. 'state_dict/{example[0]}') sharded across ranks"
     else:
-        found = find_distributed_tensor(checkpoint)
-    if found is not None and found[1]:
-        what = f"its checkpoint dict holds {found[1]} values (e.g. {found[0]!r}) sharded across ranks"
-    else:
-        example = f" (e.g. {found[0]!r})" if found else ""
-        what = f"it gathers the full state dict{example} on rank 0 only, which its own loader cannot resume"
+        key = f" (e.g. 'state_dict/{example[0]}')" if example else ""
+        what = f"it gathers the full state dict{key} on rank 0 only, which its own loader cannot resume"
     raise PlanError(
         f"CheckpointSaver cannot save under {type(strategy).__name__} yet: {what}. Nothing was written."
         " Remove the CheckpointSaver (and the ShardedCheckpointIO plugin) for this strategy and use Lightning's"

@@ -870,7 +870,6 @@ class CheckpointSaver(Checkpoint):
             self.ignore_keys(checkpoint)
         elif self.ignore_keys:
             drop_paths(checkpoint, self.ignore_keys)
-        _lightning.check_strategy_savable(trainer, checkpoint)  # every rank refuses alike, before anything is posted
         assert self._io is not None, "CheckpointSaver.save() runs inside trainer.fit()"
         rank = _lightning.rank_info(trainer)
         latest = self.latest_filename.render(run_name=self.run_name, rank=rank) if self.latest_filename else None
