@@ -42,6 +42,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_ckpt.dist import max_over_ranks
 from lightning_ckpt.layout import Progress, RankInfo
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "dump_checkpoint",
     "install_directory_loader",
     "install_last_resolver",
+    "log_save_metrics",
     "progress",
     "rank_info",
     "resume_step",
@@ -69,6 +71,9 @@ class LastCheckpointProvider(Protocol):
 
     def newest_committed(self, trainer: Trainer) -> tuple[str, float] | None:
         """``(path, created_time)`` of the newest committed checkpoint, or ``None``."""
+
+    def resume_last(self, trainer: Trainer, path: str) -> None:
+        """``ckpt_path="last"`` resolved to ``path``, this provider's: it prepares that load."""
 
 
 def rank_info(trainer: Trainer) -> RankInfo:
@@ -113,12 +118,24 @@ def max_across_ranks(trainer: Trainer, values: list[int]) -> list[int]:
     """Element-wise maximum of small integers over all ranks (one all-reduce on the strategy's device)."""
     if trainer.world_size == 1:
         return list(values)
+    combined = max_over_ranks(values, trainer.strategy.root_device)
+    if combined is not None:
+        return combined
     tensor = torch.tensor(values, dtype=torch.int64, device=trainer.strategy.root_device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)  # no barrier: one collective
-    else:  # a strategy with its own collectives
-        tensor = trainer.strategy.reduce(tensor, reduce_op="max")
+    tensor = trainer.strategy.reduce(tensor, reduce_op="max")  # a strategy with its own collectives
     return [int(v) for v in tensor.tolist()]
+
+
+def log_save_metrics(trainer: Trainer, events: list[tuple[str, Any]]) -> bool:
+    """Send the metrics of finished saves and uploads (``(kind, SaveStats)``) to the trainer's loggers, each at
+    the step its checkpoint holds; returns whether there was any."""
+    for kind, stats in events:
+        if stats.step is None:
+            continue
+        metrics = stats.metrics(upload=kind == "upload")
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=stats.step)
+    return bool(events)
 
 
 def preemption_exit() -> BaseException:
@@ -167,7 +184,7 @@ def default_run_name() -> str:
 
 
 def _providers(trainer: Trainer) -> list[LastCheckpointProvider]:
-    return [cb for cb in trainer.checkpoint_callbacks if hasattr(cb, "newest_committed")]
+    return [cb for cb in trainer.checkpoint_callbacks if hasattr(cb, "newest_committed")]  # type: ignore[misc]
 
 
 def _newest_model_checkpoint_last(trainer: Trainer) -> tuple[str, float] | None:
@@ -225,10 +242,13 @@ def install_last_resolver() -> None:
             _check_best(self.trainer, state_fn.value)
         providers = _providers(self.trainer) if ckpt_path == "last" else []
         if providers:
-            found = [c for c in (p.newest_committed(self.trainer) for p in providers) if c is not None]
+            answers = [(p, p.newest_committed(self.trainer)) for p in providers]
+            found = [(p, c) for p, c in answers if c is not None]
             if found:
-                ours = max(found, key=lambda item: item[1])
+                provider, ours = max(found, key=lambda item: item[1][1])
                 theirs = _newest_model_checkpoint_last(self.trainer)
+                if theirs is None or theirs[1] <= ours[1]:
+                    provider.resume_last(self.trainer, ours[0])  # it plans the load (fallback, rank agreement)
                 if theirs is None:
                     return ours[0]
                 newest, older = (theirs, ours) if theirs[1] > ours[1] else (ours, theirs)

@@ -25,6 +25,9 @@ operation                         with a process group (N ranks)               s
 
 ``report`` / ``await_reports`` and the three ``announce`` methods only set, read and poll store
 keys: they never run a collective, so they are safe on a background thread (uploads, async saves).
+The one collective of the package, :func:`max_over_ranks` (preemption flags, once per agreed step),
+lives here too and runs on the training thread only; rank-0 decisions use the strategy's broadcast
+(:func:`lightning_ckpt._lightning.decide_on_rank_zero`).
 
 Example:
     >>> ex = Exchange.current(prefix="doc", timeout_s=5)
@@ -46,7 +49,7 @@ import torch.distributed as dist
 
 from lightning_ckpt.errors import CollectiveError  # re-exported: its home was this module
 
-__all__ = ["CollectiveError", "Exchange", "default_store", "exchange_rank"]
+__all__ = ["CollectiveError", "Exchange", "default_store", "exchange_rank", "max_over_ranks"]
 
 _POLL_S = 0.05  # how often wait_announced reads the store
 
@@ -61,6 +64,24 @@ def default_store() -> Any:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.distributed_c10d._get_default_store()
     return None
+
+
+def max_over_ranks(values: Sequence[int], device: Any = "cpu") -> list[int] | None:
+    """Element-wise maximum of small integers over every rank (one all-reduce on ``device``; training thread only).
+
+    Returns ``None`` without an initialised process group (the caller then uses its strategy's own reduce).
+
+    Example:
+        >>> max_over_ranks([1, 0]) is None  # a single process: nothing to combine
+        True
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    import torch
+
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # no barrier: one collective
+    return [int(v) for v in tensor.tolist()]
 
 
 def exchange_rank() -> int:

@@ -47,15 +47,15 @@ def equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 def slow_down_writes(seconds: float) -> None:
     """A slow disk: every shard write (the background part of an async save) starts ``seconds`` late."""
-    import lightning_ckpt.plugin
+    import lightning_ckpt.pipeline
 
-    real = lightning_ckpt.plugin.finish_save
+    real = lightning_ckpt.pipeline.finish_save
 
     def slow(*args: Any, **kwargs: Any) -> Any:
         time.sleep(seconds)
         return real(*args, **kwargs)
 
-    lightning_ckpt.plugin.finish_save = slow  # type: ignore[assignment]
+    lightning_ckpt.pipeline.finish_save = slow  # type: ignore[assignment]
 
 
 def main() -> None:

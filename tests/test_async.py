@@ -41,7 +41,7 @@ def _hold_background(io: ShardedCheckpointIO) -> threading.Event:
     """Keep the plugin's single background thread busy until the returned event is set, so the next
     save's write certainly starts only after the test has changed the tensors."""
     gate = threading.Event()
-    io._background().submit(gate.wait, 30)
+    io._pipeline.background().submit(gate.wait, 30)
     return gate
 
 

@@ -93,9 +93,9 @@ def test_the_plugin_alone_with_model_checkpoint_logs_a_line_per_save_and_keeps_a
 ) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    import lightning_ckpt.plugin
+    import lightning_ckpt.pipeline
 
-    monkeypatch.setattr(lightning_ckpt.plugin, "_MAX_FINISHED_SAVES", 3)
+    monkeypatch.setattr(lightning_ckpt.pipeline, "MAX_FINISHED_SAVES", 3)
     io = ShardedCheckpointIO()
     every_step = ModelCheckpoint(dirpath=tmp_path / "mc", every_n_train_steps=1, save_top_k=-1)
     caplog.set_level(logging.INFO, logger="lightning_ckpt")

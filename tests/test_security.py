@@ -416,7 +416,7 @@ def test_credentials_never_appear_in_logs_reprs_files_or_errors(
     io2 = ShardedCheckpointIO(cache_dir=str(tmp_path / "m2" / "cache"), upload_retry=FAST_RETRY)
     _fit(tmp_path / "m2", ckpt_path="last", steps=12, callbacks=[second], plugins=[io2])
     assert io2.loaded_path == f"{folder}/ep0-ba8", "resumed from the bucket"
-    uploader = io2.uploader(folder)
+    uploader = io2.mirror.uploader(folder)
     uploader.close()
     storage = uploader.storage
     objects: list[object] = [first, second, io1, io2, uploader, storage, storage.fs, *storage.clients.values(),

@@ -114,13 +114,13 @@ def test_upload_settings_changed_after_a_first_upload_take_effect(tmp_path: Path
     try:
         io.save_collective({"w": torch.ones(2), "global_step": 1}, f"{remote}/ba1")
         io.wait_for_uploads()
-        first = io.uploader(remote)
+        first = io.mirror.uploader(remote)
         assert (first.num_concurrent_uploads, first.upload_timeout_s) == (2, 100.0)
         policy = RetryPolicy(attempts=3)
         io.num_concurrent_uploads, io.upload_timeout_s, io.upload_retry = 6, 50.0, policy
         io.save_collective({"w": torch.full((2,), 2.0), "global_step": 2}, f"{remote}/ba2")
         io.wait_for_uploads()
-        now = io.uploader(remote)
+        now = io.mirror.uploader(remote)
         assert (now.num_concurrent_uploads, now.upload_timeout_s, now.policy) == (6, 50.0, policy)
         assert os.path.basename(latest(remote) or "") == "ba2"
         for step in (1, 2):
@@ -139,7 +139,7 @@ def test_a_savers_upload_settings_reach_an_uploader_the_plugin_made_before_it(tm
 
     class Probe(L.Callback):
         def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-            uploader = io.uploader(storage.url(folder))  # the folder as the saver spells it
+            uploader = io.mirror.uploader(storage.url(folder))  # the folder as the saver spells it
             seen.append((uploader.num_concurrent_uploads, uploader.upload_timeout_s))
 
     saver = CheckpointSaver(remote, save_interval="4ba", num_concurrent_uploads=3, upload_timeout_in_seconds=77,
