@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lightning_ckpt.callback import CheckpointSaver
-    from lightning_ckpt.collective import WriterHook
     from lightning_ckpt.discovery import latest
     from lightning_ckpt.errors import (
         CheckpointError,
@@ -28,6 +27,7 @@ if TYPE_CHECKING:
         PlanError,
         TargetExistsError,
     )
+    from lightning_ckpt.hooks import WriterHook
     from lightning_ckpt.interval import Event, SaveSchedule
     from lightning_ckpt.plugin import ShardedCheckpointIO
     from lightning_ckpt.reader import read_checkpoint
@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "SaveSchedule": "lightning_ckpt.interval",
     "ShardedCheckpointIO": "lightning_ckpt.plugin",
     "TargetExistsError": "lightning_ckpt.errors",
-    "WriterHook": "lightning_ckpt.collective",
+    "WriterHook": "lightning_ckpt.hooks",
     "latest": "lightning_ckpt.discovery",
     "read_checkpoint": "lightning_ckpt.reader",
 }

@@ -1,16 +1,16 @@
-"""Named points of the save pipeline where the fault-injection tests SIGKILL the process.
+"""Named points of the save pipeline, and the one hook that may act there (none in real runs).
 
-The kill tests start real training processes with ``LIGHTNING_CKPT_KILL_AT`` set to
-``"<point>"`` (every rank), ``"<point>@<rank>"`` (one rank) or ``"<point>@<rank>#<n>"`` (the
-n-th time that rank passes the point; default the first). The process then kills itself with
-``SIGKILL`` right there: no ``finally`` block, no ``atexit`` hook, no flush runs, as when a node
-dies. Without the variable (every real run), :func:`reached` costs one ``is None`` test.
+The package calls :func:`reached` at each point below. Unless a hook is installed with
+:func:`install`, that is one ``is None`` test and nothing else: no environment variable, file
+or setting is read. The test suite installs a hook that SIGKILLs the process at a chosen point
+(``tests/faults.py``), so the fault-injection tests kill real processes at exact places.
 
 =========================  ===============================================================
 point                      where
 =========================  ===============================================================
 ``shard.before``           a rank has created the staging directory, before its shard
-``shard.half``             half of a rank's shard bytes are on disk (local writes)
+``shard.half``             a rank is about to write its shard file (local writes; the hook
+                           gets the file as :class:`Writing`, to write part of it)
 ``commit.before_manifest`` after the barrier, before the committing rank writes the manifest
 ``commit.before_pointer``  the checkpoint is committed, the ``latest`` pointer not yet moved
 ``upload.during``          a rank has uploaded its first file of a checkpoint, not the rest
@@ -18,22 +18,22 @@ point                      where
 =========================  ===============================================================
 
 Example:
-    >>> parse_plan("shard.half@1#2")
-    ('shard.half', 1, 2)
-    >>> parse_plan("commit.before_pointer")
-    ('commit.before_pointer', None, 1)
+    >>> seen = []
+    >>> previous = install(lambda point, rank, writing: seen.append((point, rank)))
+    >>> reached("commit.before_pointer", 0)
+    >>> _ = install(previous)
+    >>> reached("commit.before_pointer", 1)
+    >>> seen
+    [('commit.before_pointer', 0)]
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-__all__ = ["ENV_VAR", "POINTS", "armed", "parse_plan", "reached", "write_part_then_die"]
+__all__ = ["POINTS", "FaultHook", "Writing", "install", "reached"]
 
-ENV_VAR = "LIGHTNING_CKPT_KILL_AT"
 POINTS = (
     "shard.before",
     "shard.half",
@@ -43,52 +43,44 @@ POINTS = (
     "rotation.during",
 )
 
-Plan = tuple[str, int | None, int]
+
+@dataclass(frozen=True)
+class Writing:
+    """The file a rank is about to write at a point: its path, its bytes in order (lazily) and its size.
+
+    Example:
+        >>> Writing("/tmp/shard", iter([memoryview(b"ab")]), 2).size
+        2
+    """
+
+    path: str
+    chunks: Iterable[memoryview]
+    size: int
 
 
-def parse_plan(text: str) -> Plan:
-    """``"<point>[@<rank>][#<n>]"`` as ``(point, rank or None, n)``; raises ``ValueError`` on anything else."""
-    rest, _, nth = text.partition("#")
-    point, _, rank = rest.partition("@")
-    if point not in POINTS:
-        raise ValueError(f"{ENV_VAR}={text!r}: unknown point {point!r}; one of {', '.join(POINTS)}")
-    return point, int(rank) if rank else None, int(nth) if nth else 1
+FaultHook = Callable[[str, int, Writing | None], None]
+"""``hook(point, rank, writing)``: called at every point this process passes; it may kill the process."""
+
+_hook: FaultHook | None = None
 
 
-_PLAN: Plan | None = parse_plan(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None
-_passes: dict[str, int] = {}
-_lock = threading.Lock()
+def install(hook: FaultHook | None) -> FaultHook | None:
+    """Make ``hook`` act at every point from now on (``None``: nothing does); returns the hook it replaces.
+
+    Example:
+        >>> install(None) is None
+        True
+    """
+    global _hook
+    previous, _hook = _hook, hook
+    return previous
 
 
-def armed(point: str, rank: int) -> bool:
-    """Whether passing ``point`` now on ``rank`` is the planned kill (counts the pass)."""
-    if _PLAN is None or _PLAN[0] != point or _PLAN[1] not in (None, rank):
-        return False
-    with _lock:
-        _passes[point] = _passes.get(point, 0) + 1
-        return _passes[point] == _PLAN[2]
+def reached(point: str, rank: int, writing: Writing | None = None) -> None:
+    """This process passes ``point`` on ``rank`` (about to write ``writing``); a no-op unless a hook is installed.
 
-
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def reached(point: str, rank: int) -> None:
-    """Kill this process if the plan says so (no-op in real runs)."""
-    if _PLAN is not None and armed(point, rank):
-        _die()
-
-
-def write_part_then_die(path: str, chunks: Iterable[memoryview], size: int) -> None:
-    """Write the first half of a file's bytes to ``path``, make them durable, and die (``shard.half``)."""
-    remaining = size // 2
-    with open(path, "wb") as f:
-        for chunk in chunks:
-            part = chunk[:remaining]
-            f.write(part)
-            remaining -= len(part)
-            if remaining <= 0:
-                break
-        f.flush()
-        os.fsync(f.fileno())
-    _die()
+    Example:
+        >>> reached("shard.before", 0)
+    """
+    if _hook is not None:
+        _hook(point, rank, writing)

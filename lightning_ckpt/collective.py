@@ -1,6 +1,6 @@
 """The collective save: every rank writes its own shard, ranks meet at a barrier, the leader commits.
 
-Call sequence (every rank calls :func:`collective_save` at the same point of training):
+Call sequence (every rank calls :func:`prepare_save`, then :func:`finish_save`, at the same point of training):
 
 1. (all ranks) **plan**: post the target path; ranks that see the same storage
    (:func:`discover_peers`, probed once per folder) *and* save to the same path form a writer
@@ -10,12 +10,13 @@ Call sequence (every rank calls :func:`collective_save` at the same point of tra
 2. (all ranks) split the group's tensors across its members, balanced by bytes
    (:func:`~lightning_ckpt.sharding.assign_by_bytes`), and write this rank's shard durably;
    the leader also writes ``objects.pt``.
-3. (all ranks) ``WriterHook.pre_commit(path, rank=...)`` for every hook.
+3. (all ranks) ``WriterHook.pre_commit(path, rank=...)`` for every hook (:mod:`lightning_ckpt.hooks`).
 4. (all ranks) **barrier** ``written`` with ``barrier_timeout_s``: every rank reports its files or
    its error. If any rank failed or did not arrive, every rank raises
    :class:`~lightning_ckpt.dist.CollectiveError` naming those ranks; nothing is committed and
    the previous checkpoint stays the latest.
-5. (leaders) write ``manifest.json`` (the commit), publish the directory, move ``latest``.
+5. (leaders) write ``manifest.json`` (the commit; :mod:`lightning_ckpt.assembly`), publish the directory,
+   move ``latest``.
 6. (leaders) ``WriterHook.post_commit(path, rank=...)`` for every hook.
 7. (all ranks) **barrier** ``committed``: a failed commit raises on every rank.
 
@@ -24,19 +25,22 @@ staging buffer) are :func:`prepare_save`, the part that blocks training; steps 2
 :func:`finish_save`, which may run on a background thread: the barriers go through the key-value
 store, never through a collective of the process group, so they do not interfere with training.
 
+A process saving alone (Lightning's rank-0 ``CheckpointIO.save_checkpoint``) runs the same
+protocol over a one-rank exchange: :func:`prepare_alone`, then :func:`finish_save`.
+
 Example:
     >>> import tempfile, os, torch
     >>> from lightning_ckpt.dist import Exchange
     >>> folder = tempfile.mkdtemp()
-    >>> result = collective_save({"w": torch.ones(2), "global_step": 3}, os.path.join(folder, "ba3"),
-    ...                          exchange=Exchange.current(prefix="doc", timeout_s=10), nonce="n1")
+    >>> prepared = prepare_save({"w": torch.ones(2), "global_step": 3}, os.path.join(folder, "ba3"),
+    ...                         exchange=Exchange.current(prefix="doc", timeout_s=10), nonce="n1")
+    >>> result = finish_save(prepared)
     >>> result.leader, sorted(os.listdir(result.path))
     (True, ['manifest.json', 'objects.pt', 'shard-00000-of-00001.safetensors'])
 """
 
 from __future__ import annotations
 
-import abc
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -45,19 +49,12 @@ from typing import Any
 
 from lightning_ckpt import _faults, layout
 from lightning_ckpt.agree import agree_on_plan
-from lightning_ckpt.checkpoint import (
-    PreparedShard,
-    library_versions,
-    pickle_objects,
-    prepare_shard,
-    write_objects,
-    write_prepared_shard,
-)
+from lightning_ckpt.assembly import assemble_manifest, entry_rows
+from lightning_ckpt.checkpoint import PreparedShard, pickle_objects, prepare_shard, write_objects, write_prepared_shard
 from lightning_ckpt.commit import check_target, commit_dir, stage_dir, update_latest
 from lightning_ckpt.dist import Exchange
-from lightning_ckpt.errors import PlanError
-from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
-from lightning_ckpt.plan import paused_gc, replicated_test
+from lightning_ckpt.hooks import WriterHook as WriterHook
+from lightning_ckpt.plan import replicated_test
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.storage import Storage
 
@@ -65,10 +62,11 @@ __all__ = [
     "PreparedSave",
     "SaveResult",
     "WriterHook",
-    "collective_save",
+    "checkpoint_dir_path",
     "discover_peers",
     "finish_save",
     "new_nonce",
+    "prepare_alone",
     "prepare_save",
     "save_checkpoint_dir",
 ]
@@ -91,58 +89,6 @@ class SaveResult:
     files: tuple[str, ...] = ()
 
 
-class WriterHook(abc.ABC):
-    """Actions around the commit of a collective save.
-
-    * ``pre_commit(path, rank=...)`` runs on **every rank**, after that rank's shard is durable
-      and before the barrier. Raising here fails the save on every rank; nothing is committed.
-    * ``post_commit(path, rank=...)`` runs on **each writer group's leader** (rank 0 when the
-      folder is shared) right after the manifest is written and ``latest`` moved.
-
-    Example:
-        >>> class Announce(WriterHook):
-        ...     def pre_commit(self, path, **kwargs): pass
-        ...     def post_commit(self, path, **kwargs): print("committed", os.path.basename(path))
-        >>> Announce().post_commit("/ckpts/ep1-ba8")
-        committed ep1-ba8
-    """
-
-    @abc.abstractmethod
-    def pre_commit(self, path: str, **kwargs: Any) -> None:
-        """Called on every rank once its files are durable, before the barrier; raise to fail the save.
-
-        ``kwargs`` holds ``rank``, this process's global rank.
-
-        Example:
-            >>> import os, tempfile, torch
-            >>> from lightning_ckpt import ShardedCheckpointIO, WriterHook
-            >>> class QuotaCheck(WriterHook):
-            ...     def pre_commit(self, path, **kwargs): raise RuntimeError("over quota")
-            ...     def post_commit(self, path, **kwargs): pass
-            >>> path = os.path.join(tempfile.mkdtemp(), "ep0-ba8")
-            >>> try:
-            ...     ShardedCheckpointIO(writer_hooks=[QuotaCheck()]).save_collective({"w": torch.ones(2)}, path)
-            ... except RuntimeError as err:
-            ...     print(err, "| committed:", os.path.exists(os.path.join(path, "manifest.json")))
-            over quota | committed: False
-        """
-
-    @abc.abstractmethod
-    def post_commit(self, path: str, **kwargs: Any) -> None:
-        """Called on each group leader after the checkpoint is committed (``kwargs`` holds ``rank``).
-
-        Example:
-            >>> import os, tempfile, torch
-            >>> from lightning_ckpt import ShardedCheckpointIO, WriterHook
-            >>> class Announce(WriterHook):
-            ...     def pre_commit(self, path, **kwargs): pass
-            ...     def post_commit(self, path, **kwargs): print("rank", kwargs["rank"], "committed", path[-7:])
-            >>> io = ShardedCheckpointIO(writer_hooks=[Announce()])
-            >>> _ = io.save_collective({"w": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "ep0-ba8"))
-            rank 0 committed ep0-ba8
-        """
-
-
 def discover_peers(exchange: Exchange, storage: Storage, folder: str) -> list[int]:
     """Ranks whose folder is the same storage as this rank's (probe files; all ranks call this)."""
     if exchange.world_size == 1:
@@ -157,24 +103,6 @@ def discover_peers(exchange: Exchange, storage: Storage, folder: str) -> list[in
     probe.barrier("read")
     storage.remove_file(mine)
     return peers
-
-
-def _entries(payload: Mapping[str, Any]) -> tuple[list[FileEntry], list[TensorEntry]]:
-    """A rank's file and tensor entries from its ``written`` payload (rows in field order, see :func:`_payload`)."""
-    with paused_gc():
-        files = [FileEntry(*row) for row in payload["files"]]
-        rows = payload["tensors"]
-        tensors = [TensorEntry(k, dt, tuple(shape), f, off, n, dev) for k, dt, shape, f, off, n, dev in rows]
-    return files, tensors
-
-
-def _payload(files: Sequence[FileEntry], tensors: Sequence[TensorEntry]) -> dict[str, Any]:
-    """This rank's entries as JSON-able rows in field order (no ``dataclasses.asdict``: 100,000 tensors are cheap)."""
-    with paused_gc():
-        return {
-            "files": [[f.name, f.size, f.checksum, f.rank] for f in files],
-            "tensors": [[t.key, t.dtype, list(t.shape), t.file, t.offset, t.nbytes, t.device] for t in tensors],
-        }
 
 
 @dataclass
@@ -235,7 +163,7 @@ def prepare_save(
     replicated: Any = None,
     verify_replicas: bool = False,
 ) -> PreparedSave:
-    """The blocking part of :func:`collective_save`: agree on the plan, split, snapshot this rank's share.
+    """The blocking part of a save (steps 1-2 of the module docstring): agree on the plan, split, snapshot.
 
     The plan (:mod:`lightning_ckpt.agree`) writes ``replicated`` tensors (keys, or a test
     ``(key, tensor) -> bool``; see :func:`lightning_ckpt.plan.replicated_test`) split across the
@@ -308,7 +236,7 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
                 files.append(write_objects(storage, staged, prepared.objects, rank=exchange.rank))
             for hook in prepared.hooks:
                 hook.pre_commit(storage.url(target), rank=exchange.rank)
-            payload = _payload(files, entries)
+            payload = entry_rows(files, entries)
         except Exception as err:  # reported to every rank by the barrier below
             error = err
     try:
@@ -329,76 +257,12 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
     return prepared.result
 
 
-def collective_save(
-    checkpoint: Mapping[str, Any],
-    path: str,
-    *,
-    exchange: Exchange,
-    nonce: str,
-    peers: Sequence[int] = (0,),
-    storage_options: Mapping[str, Any] | None = None,
-    latest_filename: str | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    hooks: Sequence[WriterHook] = (),
-    previous: Exchange | None = None,
-    replicated: Any = None,
-) -> SaveResult:
-    """Save ``checkpoint`` at ``path`` from every rank (see the module docstring); returns when committed.
-
-    Args:
-        checkpoint: this rank's checkpoint dict (identical on every rank for replicated DDP state).
-        path: this rank's checkpoint directory (path or URL).
-        exchange: the ranks' exchange for this save (a fresh prefix per save).
-        nonce: a run-unique token shared by all ranks (names the staging directory).
-        peers: ranks that see the same storage as this rank (:func:`discover_peers`).
-        storage_options: fsspec options for remote paths.
-        latest_filename: the pointer to move after the commit, or ``None``.
-        metadata: JSON-able extras stored in the manifest.
-        hooks: :class:`WriterHook` instances.
-        previous: the previous save's exchange; its last keys are deleted once every rank is here.
-        replicated: tensors identical on every rank by construction (keys, or ``(key, tensor) -> bool``),
-            written split across the group; the rest comes from the leader (:mod:`lightning_ckpt.plan`).
-    """
-    prepared = prepare_save(
-        checkpoint,
-        path,
-        exchange=exchange,
-        nonce=nonce,
-        peers=peers,
-        storage_options=storage_options,
-        latest_filename=latest_filename,
-        metadata=metadata,
-        hooks=hooks,
-        previous=previous,
-        replicated=replicated,
-    )
-    return finish_save(prepared)
-
-
 def _commit(
     storage: Storage, folder: str, name: str, staged: str, prepared: PreparedSave, written: Mapping[int, Any]
 ) -> None:
-    files: list[FileEntry] = []
-    tensors: dict[str, TensorEntry] = {}
-    for rank in prepared.group:
-        rank_files, rank_tensors = _entries(written[rank])
-        files += rank_files
-        tensors.update((t.key, t) for t in rank_tensors)
-    if set(tensors) != prepared.keys:  # the written entries must be exactly the agreed plan
-        missing, extra = sorted(prepared.keys - set(tensors)), sorted(set(tensors) - prepared.keys)
-        raise PlanError(f"the ranks wrote a different set of tensors than planned (missing {missing[:3]},"
-                        f" unexpected {extra[:3]}); nothing was committed")  # fmt: skip
-    manifest = Manifest(
-        name=name,
-        epoch=prepared.info["epoch"],
-        global_step=prepared.info["global_step"],
-        world_size=len(prepared.group),
-        files=files,
-        tensors=tensors,
-        weights_only=prepared.info["weights_only"],
-        versions=library_versions(),
-        metadata={**dict(prepared.metadata or {}), "writer_ranks": prepared.group},
-    )
+    """The leader's commit (step 5): the manifest of every rank's entries, then the pointer."""
+    manifest = assemble_manifest(name, written, group=prepared.group, keys=prepared.keys, info=prepared.info,
+                                 metadata=prepared.metadata)  # fmt: skip
     _faults.reached("commit.before_manifest", prepared.exchange.rank)
     commit_dir(storage, folder, name, staged, manifest)
     _faults.reached("commit.before_pointer", prepared.exchange.rank)
@@ -414,6 +278,55 @@ def new_nonce() -> str:
         True
     """
     return uuid.uuid4().hex[:12]
+
+
+def checkpoint_dir_path(path: str | os.PathLike[str]) -> str:
+    """``path`` as a string, once its last component is checked to name a checkpoint directory.
+
+    Example:
+        >>> checkpoint_dir_path("/data/ckpts/ep0-ba100/")
+        '/data/ckpts/ep0-ba100/'
+        >>> checkpoint_dir_path("/")
+        Traceback (most recent call last):
+        ValueError: path='/' must name a checkpoint directory, e.g. '/data/ckpts/ep0-ba100'
+    """
+    target = os.fspath(path)
+    if not layout.is_plain_name(os.path.basename(target.rstrip("/"))):
+        raise ValueError(f"path={target!r} must name a checkpoint directory, e.g. '/data/ckpts/ep0-ba100'")
+    return target
+
+
+def prepare_alone(
+    checkpoint: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    latest_filename: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    staging: StagingBuffer | None = None,
+) -> PreparedSave:
+    """The blocking part of a save by this process alone: :func:`prepare_save` over a one-rank exchange.
+
+    It never waits on other ranks (Lightning's rank-0 ``CheckpointIO.save_checkpoint`` contract);
+    :func:`finish_save` writes and commits it. With ``staging`` the tensors are copied, so training
+    may change them as soon as this returns.
+
+    Example:
+        >>> import tempfile, torch
+        >>> prepared = prepare_alone({"w": torch.zeros(2)}, os.path.join(tempfile.mkdtemp(), "ep0-ba4"))
+        >>> prepared.group, os.path.basename(finish_save(prepared).path)
+        ([0], 'ep0-ba4')
+    """
+    return prepare_save(
+        checkpoint,
+        checkpoint_dir_path(path),
+        exchange=Exchange(None, 0, 1, prefix="single", timeout_s=0),
+        nonce=new_nonce(),
+        storage_options=storage_options,
+        latest_filename=latest_filename,
+        metadata=metadata,
+        staging=staging,
+    )
 
 
 def save_checkpoint_dir(
@@ -438,17 +351,7 @@ def save_checkpoint_dir(
         >>> os.readlink(os.path.join(folder, "latest"))
         'ep0-ba4'
     """
-    name = os.path.basename(os.fspath(path).rstrip("/"))
-    if not layout.is_plain_name(name):
-        raise ValueError(f"path={os.fspath(path)!r} must name a checkpoint directory, e.g. '/data/ckpts/ep0-ba100'")
-    alone = Exchange(None, 0, 1, prefix="single", timeout_s=0)
-    result = collective_save(
-        checkpoint,
-        os.fspath(path),
-        exchange=alone,
-        nonce=new_nonce(),
-        storage_options=storage_options,
-        latest_filename=latest_filename,
-        metadata=metadata,
+    prepared = prepare_alone(
+        checkpoint, path, storage_options=storage_options, latest_filename=latest_filename, metadata=metadata
     )
-    return result.path
+    return finish_save(prepared).path

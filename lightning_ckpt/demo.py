@@ -18,19 +18,22 @@ Example:
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-__all__ = ["EpochShuffleSampler", "KillAtStep", "TinyRegressor", "build_trainer", "main", "state_of"]
+if TYPE_CHECKING:
+    from lightning_ckpt import ShardedCheckpointIO
+
+__all__ = ["EpochShuffleSampler", "TinyRegressor", "build_trainer", "main", "state_of"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -119,21 +122,18 @@ class TinyRegressor(L.LightningModule):
     predict_dataloader = val_dataloader
 
 
-class KillAtStep(L.Callback):
-    """Kills its own process with SIGKILL once ``trainer.global_step`` reaches ``step`` (for tests).
+class _SigkillAt(L.Callback):
+    """Kills its own process with SIGKILL once ``trainer.global_step`` reaches ``step``, as when a node dies.
 
-    With ``settle`` (default) it first lets an asynchronous save in flight commit, so which
-    checkpoint survives does not depend on timing; ``settle=False`` kills mid-write.
+    It first lets the asynchronous save in flight commit, so what survives does not depend on timing.
     """
 
-    def __init__(self, step: int, settle: bool = True) -> None:
-        self.step, self.settle = step, settle
+    def __init__(self, step: int, io: ShardedCheckpointIO) -> None:
+        self.step, self.io = step, io
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.global_step >= self.step:
-            io = trainer.strategy.checkpoint_io
-            if self.settle and hasattr(io, "wait_for_save"):
-                io.wait_for_save()
+            self.io.wait_for_save()
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -160,59 +160,38 @@ def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _run(
-    folder: str,
-    *,
-    kill_at: int | None,
-    resume: bool,
-    interval: str = "4ba",
-    keep: int = 2,
-    epochs: int = 3,
-    settle: bool = True,
-) -> TinyRegressor:
+def _run(folder: str, *, kill_at: int | None, resume: bool) -> TinyRegressor:
     from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO
 
     L.seed_everything(0, verbose=False)
-    saver = CheckpointSaver(folder=folder, save_interval=interval, num_checkpoints_to_keep=keep, run_name="demo")
-    callbacks: list[L.Callback] = [saver] + ([KillAtStep(kill_at, settle=settle)] if kill_at else [])
-    trainer = build_trainer(folder, max_epochs=epochs, callbacks=callbacks, plugins=[ShardedCheckpointIO()])
+    saver = CheckpointSaver(folder=folder, save_interval="4ba", num_checkpoints_to_keep=2, run_name="demo")
+    io = ShardedCheckpointIO()
+    callbacks: list[L.Callback] = [saver] + ([_SigkillAt(kill_at, io)] if kill_at else [])
+    trainer = build_trainer(folder, max_epochs=3, callbacks=callbacks, plugins=[io])
     model = TinyRegressor()
     trainer.fit(model, ckpt_path="last" if resume else None)
     return model
 
 
+def _killed_run(folder: str, kill_at: int) -> None:
+    """The first run, in a child process whose output is silenced: trains until SIGKILLed at ``kill_at``."""
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 1)
+    os.dup2(quiet, 2)
+    _run(folder, kill_at=kill_at, resume=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; with ``--worker`` run one training process (used by the demo itself)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--folder", default=None)
-    parser.add_argument("--kill-at", type=int, default=None)
-    parser.add_argument("--interval", default="4ba")
-    parser.add_argument("--keep", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--save-weights", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--no-settle", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        model = _run(
-            args.folder,
-            kill_at=args.kill_at,
-            resume=True,
-            interval=args.interval,
-            keep=args.keep,
-            epochs=args.epochs,
-            settle=not args.no_settle,
-        )
-        if args.save_weights:
-            torch.save(state_of(model), args.save_weights)
-        return 0
+    """Run the demo: a killed run, its resumption, an uninterrupted run; 0 if the two end bitwise equal."""
+    argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None).parse_args(argv)
     from lightning_ckpt import latest
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "run")
-        cmd = [sys.executable, "-m", "lightning_ckpt.demo", "--worker", "--folder", folder, "--kill-at", "10"]
-        killed = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        print(f"1. training process killed at step 10 (exit code {killed.returncode})")
+        killed = multiprocessing.get_context("spawn").Process(target=_killed_run, args=(folder, 10))
+        killed.start()
+        killed.join()
+        print(f"1. training process killed at step 10 (exit code {killed.exitcode})")
         print(f"   on disk: {sorted(os.listdir(folder))}")
         print(f"   newest committed checkpoint: {os.path.basename(latest(folder) or 'none')}")
         resumed = _run(folder, kill_at=None, resume=True)
@@ -221,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a, b = state_of(resumed), state_of(fresh)
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         print(f"3. resumed weights equal an uninterrupted run bit for bit: {same}")
-        return 0 if same and killed.returncode == -signal.SIGKILL else 1
+        return 0 if same and killed.exitcode == -signal.SIGKILL else 1
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -30,12 +29,13 @@ from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import SaveResult
 from lightning_ckpt.discovery import Resolved
 from lightning_ckpt.dist import default_store, exchange_rank
+from lightning_ckpt.layout import cache_path
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import RetryPolicy, download_checkpoint, with_retries
 from lightning_ckpt.upload import Uploader, UploadJob
 
-__all__ = ["MirrorSettings", "RemoteMirror", "cache_path", "default_cache_dir", "prune_local_copies"]
+__all__ = ["MirrorSettings", "RemoteMirror", "default_cache_dir", "prune_local_copies"]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -43,17 +43,6 @@ log = logging.getLogger("lightning_ckpt")
 def default_cache_dir() -> str:
     """``~/.cache/lightning_ckpt``: where remote folders are mirrored unless ``cache_dir`` says otherwise."""
     return os.path.join(os.path.expanduser("~"), ".cache", "lightning_ckpt")
-
-
-def cache_path(cache_dir: str, remote_folder_url: str, kind: str) -> str:
-    """The directory in ``cache_dir`` that mirrors a remote folder (``kind``: ``"uploads"`` or ``"downloads"``).
-
-    Example:
-        >>> cache_path("/local/nvme/ckpt-cache", "s3://bucket/runs/a", "downloads")
-        '/local/nvme/ckpt-cache/downloads/4d896d9c6b21898f'
-    """
-    digest = hashlib.sha1(remote_folder_url.encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, kind, digest)
 
 
 class MirrorSettings(Protocol):
@@ -174,7 +163,7 @@ class RemoteMirror:
             lambda: storage.read_bytes(manifest_path), what=f"download of {storage.url(manifest_path)}",
             policy=self.settings.upload_retry,
         )  # fmt: skip
-        with open(local + ".lock", "w") as lock:
+        with open(os.path.join(os.path.dirname(local), layout.cache_lock_filename(name)), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             local_manifest = os.path.join(local, layout.MANIFEST_FILENAME)
             if os.path.exists(local_manifest) and open(local_manifest, "rb").read() == remote_manifest:

@@ -5,7 +5,8 @@ Every check runs at construction, before any training, and raises
 Composer's ``remote_file_name``) and a valid example.
 
 Example:
-    >>> options = SaverOptions.build(folder="/data/{run_name}", save_interval="100ba", run_name="demo")
+    >>> from lightning_ckpt import CheckpointSaver
+    >>> options = CheckpointSaver("/data/{run_name}", save_interval="100ba", run_name="demo").options
     >>> options.filename.pattern, options.save_interval, options.retention
     ('ep{epoch}-ba{batch}', EveryNBatches(100), KeepAll())
 """
@@ -23,7 +24,7 @@ from lightning_ckpt.errors import ConfigError
 from lightning_ckpt.interval import EveryNEpochs, SaveSchedule, parse_save_interval
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.policies import RetentionPolicy, build_retention_policy
-from lightning_ckpt.preemption import DEFAULT_SIGNALS, parse_signals
+from lightning_ckpt.preemption import parse_signals
 from lightning_ckpt.storage import check_storage_options, check_url, is_url
 
 __all__ = ["IgnoreKeys", "SaverOptions"]
@@ -122,32 +123,32 @@ class SaverOptions:
     @classmethod
     def build(
         cls,
-        folder: str | os.PathLike[str] | None = None,
-        filename: str = layout.DEFAULT_FILENAME,
-        latest_filename: str | None = layout.DEFAULT_LATEST_FILENAME,
-        save_interval: Any = "1ep",
         *,
-        overwrite: bool = False,
-        num_checkpoints_to_keep: int = -1,
-        keep_every_n_steps: int | None = None,
-        monitor: str | None = None,
-        mode: str = "min",
-        num_best_to_keep: int | None = None,
-        weights_only: bool = False,
-        ignore_keys: IgnoreKeys = None,
-        run_name: str | None = None,
-        storage_options: Mapping[str, Any] | None = None,
-        local_folder: str | os.PathLike[str] | None = None,
-        num_concurrent_uploads: int | None = None,
-        upload_timeout_in_seconds: float | None = None,
-        remote_file_name: str | None = None,
-        latest_remote_file_name: str | None = None,
-        async_save: bool = True,
-        lock_folder: bool = True,
-        preemption_signals: Sequence[str | int] | None = DEFAULT_SIGNALS,
-        default_run_name: Callable[[], str] = lambda: "run",
+        folder: str | os.PathLike[str] | None,
+        filename: str,
+        latest_filename: str | None,
+        save_interval: Any,
+        overwrite: bool,
+        num_checkpoints_to_keep: int,
+        keep_every_n_steps: int | None,
+        monitor: str | None,
+        mode: str,
+        num_best_to_keep: int | None,
+        weights_only: bool,
+        ignore_keys: IgnoreKeys,
+        run_name: str | None,
+        storage_options: Mapping[str, Any] | None,
+        local_folder: str | os.PathLike[str] | None,
+        num_concurrent_uploads: int | None,
+        upload_timeout_in_seconds: float | None,
+        remote_file_name: str | None,
+        latest_remote_file_name: str | None,
+        async_save: bool,
+        lock_folder: bool,
+        preemption_signals: Sequence[str | int] | None,
+        default_run_name: Callable[[], str],
     ) -> SaverOptions:
-        """Check every argument (the ``CheckpointSaver`` signature) and return them frozen."""
+        """Check every argument of ``CheckpointSaver`` (whose signature owns the defaults) and return them frozen."""
         remote: tuple[str, object, str] | None = None  # Composer's remote_file_name: errors name it
         local_argument = "local_folder"
         if remote_file_name is not None or latest_remote_file_name is not None:

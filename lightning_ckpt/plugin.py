@@ -31,11 +31,11 @@ from typing import Any
 from lightning.fabric.plugins import CheckpointIO
 from typing_extensions import override
 
-from lightning_ckpt import inflight, layout
+from lightning_ckpt import inflight
 from lightning_ckpt._checks import check_bool, check_count, check_directory, check_seconds
 from lightning_ckpt._lightning import install_directory_loader
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
-from lightning_ckpt.collective import PreparedSave, SaveResult, WriterHook, new_nonce, prepare_save
+from lightning_ckpt.collective import PreparedSave, SaveResult, WriterHook, checkpoint_dir_path, prepare_alone
 from lightning_ckpt.commit import check_target
 from lightning_ckpt.discovery import Resolved, list_committed, load_resolved, resolve
 from lightning_ckpt.dist import Exchange
@@ -211,17 +211,12 @@ class ShardedCheckpointIO(CheckpointIO):
             ['manifest.json', 'objects.pt', 'shard-00000-of-00001.safetensors']
         """
         options = self._options(storage_options)
-        target = os.fspath(path)
-        name = os.path.basename(target.rstrip("/"))
-        if not layout.is_plain_name(name):
-            raise ValueError(f"path={target!r} must name a checkpoint directory, e.g. '/data/ckpts/ep0-ba100'")
+        target = checkpoint_dir_path(path)
         check_target(*Storage.open(target, options))  # refuse before staging anything (the commit checks again)
         install_directory_loader()  # Model.load_from_checkpoint(path) in this process reads what this wrote
-        alone = Exchange(None, 0, 1, prefix="single", timeout_s=0)
 
         def prepare(staging: StagingBuffer | None) -> PreparedSave:
-            return prepare_save(checkpoint, target, exchange=alone, nonce=new_nonce(), storage_options=options,
-                                staging=staging)  # fmt: skip
+            return prepare_alone(checkpoint, target, storage_options=options, staging=staging)
 
         self._pipeline.run(prepare, asynchronous=self.async_save, step=_step_of(checkpoint), announce=target)
 

@@ -27,9 +27,10 @@ from lightning_ckpt.commit import remove_leftovers
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import FolderConflictError, FolderInUseError
+from lightning_ckpt.layout import cache_path
 from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.manifest import Manifest
-from lightning_ckpt.mirror import cache_path, default_cache_dir
+from lightning_ckpt.mirror import default_cache_dir
 from lightning_ckpt.policies import CheckpointRecord
 from lightning_ckpt.reader import read_manifest
 from lightning_ckpt.resume import ResumePlan, agree, listing, plan_resume

@@ -8,9 +8,9 @@ Shard layout (the safetensors format, so any safetensors reader opens our shards
     ...        raw tensor bytes, back to back, largest element size first (so every tensor is
                aligned to its element size and can be memory-mapped as is)
 
-Tensor bytes are never pickled or copied into an intermediate buffer: each tensor's memory is
-handed to ``os.write`` directly, while a second thread computes the CRC32 of the bytes already
-written (:func:`lightning_ckpt.checksum.crc32` releases the GIL, so the two overlap).
+This module decides which bytes a shard holds and in what order; :mod:`lightning_ckpt.fastwrite`
+writes them straight from tensor memory, never pickled or gathered into one buffer, with the
+CRC32 computed beside the writes.
 
 Example:
     >>> import tempfile, os, torch
@@ -23,13 +23,8 @@ Example:
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import os
-import threading
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO
 
@@ -37,8 +32,18 @@ import torch
 
 from lightning_ckpt import _faults
 from lightning_ckpt.checksum import checksum_string, crc32
+from lightning_ckpt.fastwrite import ALIGNMENT as ALIGNMENT
+from lightning_ckpt.fastwrite import DIRECT_CHUNK_BYTES as DIRECT_CHUNK_BYTES
+from lightning_ckpt.fastwrite import (
+    WRITER_THREADS,
+    image_blocks,
+    tensor_bytes,
+    write_blocks,
+    write_bounced,
+    write_with_checksum,
+)
+from lightning_ckpt.fastwrite import DirectFile as _DirectFile  # its old name here (tests/test_async.py)
 from lightning_ckpt.manifest import FileEntry, TensorEntry
-from lightning_ckpt.plan import paused_gc
 from lightning_ckpt.tree import DTYPE_TO_SAFETENSORS
 
 __all__ = [
@@ -50,12 +55,7 @@ __all__ = [
     "write_shard_stream",
 ]
 
-ALIGNMENT = 4096
 CHUNK_BYTES = 64 * 1024 * 1024
-DIRECT_CHUNK_BYTES = 16 * 1024 * 1024
-BOUNCE_BUFFERS = 3
-WRITER_THREADS = 2
-O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 
 @dataclass
@@ -70,16 +70,6 @@ class ShardPlan:
     @property
     def total_size(self) -> int:
         return len(self.header) + sum(e.nbytes for e in self.entries)
-
-
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """A flat byte view of a CPU tensor's memory (copies only if the tensor is not contiguous)."""
-    flat = tensor.detach().reshape(-1)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    if flat.numel() == 0:
-        return memoryview(b"")
-    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def plan_shard(
@@ -137,140 +127,6 @@ def _chunks(plan: ShardPlan, image: torch.Tensor | None = None) -> Iterator[memo
             yield view[start : start + CHUNK_BYTES]
 
 
-class _Checksum:
-    """CRC32 chained over blocks in file order, computed on one helper thread (it releases the GIL)."""
-
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
-        self._pool, self._crc = pool, 0
-
-    def _update(self, view: memoryview) -> None:
-        self._crc = crc32(view, self._crc)
-
-    def add(self, view: memoryview) -> Future[None]:
-        return self._pool.submit(self._update, view)  # one worker: blocks are chained in submission order
-
-    @property
-    def value(self) -> str:
-        return checksum_string(self._crc)
-
-
-def _write_with_checksum(chunks: Iterator[memoryview], write: Callable[[memoryview], None]) -> str:
-    """Write every chunk in order while the checksum thread chains the CRC32 over the same chunks."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as pool:
-        checksum = _Checksum(pool)
-        pending = []
-        for chunk in chunks:
-            pending.append(checksum.add(chunk))
-            write(chunk)
-        for future in pending:
-            future.result()
-    return checksum.value
-
-
-class _DirectFile:
-    """A new file opened for ``O_DIRECT`` writes where the filesystem allows them, buffered otherwise.
-
-    ``O_DIRECT`` needs the memory address, length and file offset of every write aligned to the
-    device's block size (4096 covers every common device). Writes that the kernel refuses with
-    ``EINVAL`` switch the file back to buffered I/O, so the save still succeeds on tmpfs and the like.
-    """
-
-    def __init__(self, path: str, *, direct: bool) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        self.direct = direct and O_DIRECT != 0
-        if self.direct:
-            try:
-                self.fd = os.open(path, flags | O_DIRECT, 0o644)
-                return
-            except OSError as err:
-                if err.errno != errno.EINVAL:
-                    raise
-                self.direct = False
-        self.fd = os.open(path, flags, 0o644)
-
-    def pwrite(self, view: memoryview, offset: int) -> None:
-        while view:
-            try:
-                written = os.pwrite(self.fd, view, offset)
-            except OSError as err:
-                if err.errno != errno.EINVAL or not self.direct:
-                    raise
-                self._to_buffered()
-                continue
-            view, offset = view[written:], offset + written
-
-    def _to_buffered(self) -> None:
-        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~O_DIRECT)
-        self.direct = False
-
-    def finish(self, size: int) -> None:
-        """Cut the padding of the last aligned block, fsync, close."""
-        try:
-            os.ftruncate(self.fd, size)
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
-
-    def abort(self) -> None:
-        os.close(self.fd)
-
-
-class _BouncePool:
-    """A few aligned, already-faulted blocks for ``O_DIRECT`` writes of tensors that are not staged.
-
-    Kept for the life of the process (``BOUNCE_BUFFERS`` x ``DIRECT_CHUNK_BYTES`` = 48 MiB), so
-    synchronous saves never fault in fresh memory.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: list[torch.Tensor] = []
-
-    def take(self) -> torch.Tensor:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        raw = torch.empty(DIRECT_CHUNK_BYTES + ALIGNMENT, dtype=torch.uint8)
-        shift = (-raw.data_ptr()) % ALIGNMENT
-        block = raw[shift : shift + DIRECT_CHUNK_BYTES]
-        block.zero_()
-        return block
-
-    def give(self, block: torch.Tensor) -> None:
-        with self._lock:
-            self._free.append(block)
-
-
-_BOUNCE = _BouncePool()
-
-
-def _write_blocks(file: _DirectFile, blocks: Iterator[tuple[memoryview, memoryview, int]], workers: int) -> str:
-    """Write ``(write_view, exact_view, offset)`` blocks with ``workers`` threads, checksumming ``exact_view``."""
-    with (
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lightning_ckpt-write") as writers,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as crc_pool,
-    ):
-        checksum = _Checksum(crc_pool)
-        pending: list[Future[None]] = []
-        for write_view, exact_view, offset in blocks:
-            pending += [writers.submit(file.pwrite, write_view, offset), checksum.add(exact_view)]
-        for future in pending:
-            future.result()
-    return checksum.value
-
-
-def _image_blocks(image: torch.Tensor, size: int, direct: bool) -> Iterator[tuple[memoryview, memoryview, int]]:
-    """Blocks of a staged image: aligned (padded) write views for ``O_DIRECT``, exact views to checksum."""
-    padded = tensor_bytes(image[: _round_up(size)] if direct else image[:size])
-    exact = padded[:size]
-    for start in range(0, len(padded), DIRECT_CHUNK_BYTES):
-        yield padded[start : start + DIRECT_CHUNK_BYTES], exact[start : start + DIRECT_CHUNK_BYTES], start
-
-
-def _round_up(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
-
-
 def _byte_tensors(plan: ShardPlan) -> Iterator[torch.Tensor]:
     """The file's bytes in order as flat uint8 tensors: the header, then each tensor's memory."""
     yield torch.frombuffer(bytearray(plan.header), dtype=torch.uint8)
@@ -278,63 +134,6 @@ def _byte_tensors(plan: ShardPlan) -> Iterator[torch.Tensor]:
         flat = tensor.detach().reshape(-1)
         if flat.numel():
             yield (flat if flat.is_contiguous() else flat.contiguous()).view(torch.uint8)
-
-
-def _fill(block: torch.Tensor, pieces: list[torch.Tensor], size: int) -> None:
-    """Copy ``pieces`` back to back into ``block[:size]``: one ``torch.cat`` for many small tensors
-    (a ``copy_`` per 64-byte tensor costs more than its bytes), ``copy_`` for a single piece."""
-    if len(pieces) == 1:
-        block[:size].copy_(pieces[0])  # torch copies with all threads
-    elif pieces:
-        torch.cat(pieces, out=block[:size])
-
-
-def _write_bounced(file: _DirectFile, plan: ShardPlan) -> str:
-    """Pack the header and tensor bytes into a ring of aligned blocks and write each with ``O_DIRECT``.
-
-    The calling thread copies (memory speed); writer threads and the checksum thread drain the ring.
-    A block is refilled only once its write and checksum are done.
-    """
-    blocks = [_BOUNCE.take() for _ in range(BOUNCE_BUFFERS)]
-    try:
-        with (
-            paused_gc(),  # a view per tensor: with 100,000 small tensors the collector would walk them all, often
-            ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="lightning_ckpt-write") as writers,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as crc_pool,
-        ):
-            checksum = _Checksum(crc_pool)
-            busy: list[list[Future[None]]] = [[] for _ in blocks]
-            index, filled, offset = 0, 0, 0
-            block = blocks[0]
-            view = tensor_bytes(block)
-            pieces: list[torch.Tensor] = []  # what fills the current block, copied at once when it is full
-            for source in _byte_tensors(plan):
-                taken = 0
-                while taken < source.numel():
-                    n = min(source.numel() - taken, DIRECT_CHUNK_BYTES - filled)
-                    pieces.append(source if n == source.numel() else source[taken : taken + n])
-                    filled, taken = filled + n, taken + n
-                    if filled < DIRECT_CHUNK_BYTES:
-                        continue
-                    _fill(block, pieces, filled)
-                    busy[index] = [writers.submit(file.pwrite, view, offset), checksum.add(view)]
-                    offset += filled
-                    index = (index + 1) % len(blocks)
-                    for future in busy[index]:
-                        future.result()
-                    block, filled, pieces = blocks[index], 0, []
-                    view = tensor_bytes(block)
-            _fill(block, pieces, filled)
-            if filled:
-                busy[index] = [writers.submit(file.pwrite, view[: _round_up(filled)], offset),
-                               checksum.add(view[:filled])]  # fmt: skip
-            for futures in busy:
-                for future in futures:
-                    future.result()
-    finally:
-        for block in blocks:
-            _BOUNCE.give(block)
-    return checksum.value
 
 
 def write_shard_local(
@@ -352,14 +151,13 @@ def write_shard_local(
             filesystem supports it; tensors that are not staged then go through a few reused
             16 MiB aligned blocks.
     """
-    if _faults.armed("shard.half", rank):
-        _faults.write_part_then_die(path, _chunks(plan, image), plan.total_size)
+    _faults.reached("shard.half", rank, _faults.Writing(path, _chunks(plan, image), plan.total_size))
     file = _DirectFile(path, direct=direct_io)
     try:
         if image is not None:
-            checksum = _write_blocks(file, _image_blocks(image, plan.total_size, file.direct), WRITER_THREADS)
+            checksum = write_blocks(file, image_blocks(image, plan.total_size, file.direct), WRITER_THREADS)
         elif file.direct:
-            checksum = _write_bounced(file, plan)
+            checksum = write_bounced(file, _byte_tensors(plan))
         else:
             position = [0]
 
@@ -367,7 +165,7 @@ def write_shard_local(
                 file.pwrite(chunk, position[0])
                 position[0] += len(chunk)
 
-            checksum = _write_with_checksum(_chunks(plan), write)
+            checksum = write_with_checksum(_chunks(plan), write)
     except BaseException as err:
         file.abort()
         _name_the_file(err, path)
@@ -395,7 +193,7 @@ def write_shard_stream(
     def write(chunk: memoryview) -> None:
         stream.write(chunk)
 
-    checksum = _write_with_checksum(_chunks(plan, image), write)
+    checksum = write_with_checksum(_chunks(plan, image), write)
     return FileEntry(name=plan.file, size=plan.total_size, checksum=checksum, rank=rank)
 
 

@@ -28,10 +28,10 @@ def _quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def run_worker(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m lightning_ckpt.demo --worker ARGS`` in a fresh process."""
+    """Run ``python -m tests.kill_worker ARGS`` (one training process, see :mod:`tests.kill_worker`) afresh."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ckpt.demo", "--worker", *args],
+        [sys.executable, "-m", "tests.kill_worker", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

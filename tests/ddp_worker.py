@@ -268,4 +268,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.faults import install_from_env
+
+    install_from_env()  # LIGHTNING_CKPT_KILL_AT: the SIGKILL points of the fault tests (tests/faults.py)
     sys.exit(main())

@@ -22,7 +22,6 @@ from torch.distributed import HashStore
 
 from lightning_ckpt import CheckpointSaver, latest, read_checkpoint
 from lightning_ckpt.cli import main
-from lightning_ckpt.collective import collective_save
 from lightning_ckpt.commit import update_latest
 from lightning_ckpt.demo import TinyRegressor, build_trainer
 from lightning_ckpt.dist import Exchange
@@ -31,6 +30,7 @@ from lightning_ckpt.storage import Storage
 
 from .conftest import ROOT
 from .s3_server import REGION, S3Bucket, S3Server, storage_options
+from .save_helpers import collective_save
 
 NAMES = ["ep0-ba4", "ep0-ba8", "ep1-ba12", "ep1-ba16"]
 SHARD = "shard-00000-of-00001.safetensors"

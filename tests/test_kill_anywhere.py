@@ -1,8 +1,8 @@
 """Kill anywhere: SIGKILL one rank, or every rank, at each point of a save; then resume with ``"last"``.
 
 Real processes throughout: torchrun starts two gloo ranks of a Lightning DDP fit; the process
-kills itself with ``SIGKILL`` at the named point of the second save (see
-:mod:`lightning_ckpt._faults`), so no cleanup code runs. A fresh torchrun then resumes with
+kills itself with ``SIGKILL`` at the named point of the second save (the hook of
+:mod:`tests.faults`, which runs each rank's worker), so no cleanup code runs. A fresh torchrun then resumes with
 ``ckpt_path="last"`` and must end bitwise equal to an uninterrupted run, with every committed
 checkpoint intact and nothing of the interrupted save left behind.
 """
@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from lightning_ckpt import latest, read_checkpoint
-from lightning_ckpt._faults import ENV_VAR
 from lightning_ckpt.layout import MANIFEST_FILENAME, is_hidden_name
 
+from .faults import ENV_VAR, RUNNER
 from .s3_server import S3Bucket
-from .test_distributed import ROOT, _torchrun
+from .test_distributed import ROOT, WORKER, _torchrun
 
 RANKS = 2  # 4 steps per epoch, a save at the end of each of 3 epochs: ep0-ba4, ep1-ba8, ep2-ba12
 
@@ -33,9 +33,9 @@ def _run(*args: str, kill_at: str | None = None, timeout: float = 180) -> subpro
     env.pop(ENV_VAR, None)
     if kill_at:
         env[ENV_VAR] = kill_at
-    return subprocess.run(
-        _torchrun(RANKS, *args), capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
+    command = _torchrun(RANKS, *args)
+    command.insert(command.index(WORKER), RUNNER)  # each rank runs the worker with the fault hook installed
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

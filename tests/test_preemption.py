@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from lightning_ckpt import latest
-from lightning_ckpt._faults import ENV_VAR
 
+from .faults import ENV_VAR
 from .s3_server import S3Bucket
 from .test_distributed import ROOT, WORKER, _torchrun
 

@@ -197,6 +197,8 @@ import sys
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_ckpt import ShardedCheckpointIO
 from lightning_ckpt.demo import TinyRegressor, build_trainer
+from tests.faults import install_from_env
+install_from_env()
 root = sys.argv[1]
 mc = ModelCheckpoint(dirpath=root + "/mc", save_last=True, save_top_k=0)
 build_trainer(root, max_epochs=1, callbacks=[mc], plugins=[ShardedCheckpointIO()]).fit(TinyRegressor())
