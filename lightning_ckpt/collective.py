@@ -8,7 +8,7 @@ Call sequence (every rank calls :func:`prepare_save`, then :func:`finish_save`, 
    one group of all ranks; with node-local disks it is one group per node, so every node holds a
    complete copy; with ``{rank}`` in the name it is one group per rank.
 2. (all ranks) split the group's tensors across its members, balanced by bytes
-   (:func:`~lightning_ckpt.sharding.assign_by_bytes`), and write this rank's shard durably;
+   (:func:`~lightning_ckpt.plan.assign`), and write this rank's shard durably;
    the leader also writes ``objects.pt``.
 3. (all ranks) ``WriterHook.pre_commit(path, rank=...)`` for every hook (:mod:`lightning_ckpt.hooks`).
 4. (all ranks) **barrier** ``written`` with ``barrier_timeout_s``: every rank reports its files or
