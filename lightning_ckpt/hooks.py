@@ -7,9 +7,12 @@ The save protocol (:mod:`lightning_ckpt.collective`) calls every hook of the plu
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["WriterHook"]
+from lightning_ckpt.errors import ConfigError
+
+__all__ = ["WriterHook", "check_hooks"]
 
 
 class WriterHook(abc.ABC):
@@ -62,3 +65,19 @@ class WriterHook(abc.ABC):
             >>> _ = io.save_collective({"w": torch.ones(2)}, os.path.join(tempfile.mkdtemp(), "ep0-ba8"))
             rank 0 committed ep0-ba8
         """
+
+
+def check_hooks(writer_hooks: object) -> list[WriterHook]:
+    """``writer_hooks`` as a list, if it is an iterable of :class:`WriterHook` (``ConfigError`` naming it otherwise).
+
+    Example:
+        >>> check_hooks(())
+        []
+    """
+    example = "[MyHook()] where MyHook subclasses lightning_ckpt.WriterHook"
+    if isinstance(writer_hooks, (WriterHook, str)) or not isinstance(writer_hooks, Iterable):
+        raise ConfigError("writer_hooks", writer_hooks, example, "It must be a list of hooks")
+    hooks = list(writer_hooks)
+    if not all(isinstance(h, WriterHook) for h in hooks):
+        raise ConfigError("writer_hooks", hooks, example)
+    return hooks

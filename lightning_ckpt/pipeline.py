@@ -57,9 +57,14 @@ class PendingSave:
         >>> io.teardown()
     """
 
-    def __init__(self, planned: SaveResult | None, future: Future[Any]) -> None:
-        self._planned, self._future = planned, future
+    def __init__(self, planned: SaveResult | None, future: Future[Any], url: str | None = None) -> None:
+        self._planned, self._future, self._url = planned, future, url
         self._raised = False
+
+    def in_store(self, url: str) -> PendingSave:
+        """This save, named by its place in the object store (it is committed locally first, then uploaded)."""
+        self._url = url
+        return self
 
     @classmethod
     def finished(cls, result: Any) -> PendingSave:
@@ -76,7 +81,7 @@ class PendingSave:
     @property
     def path(self) -> str:
         """The checkpoint being saved (path or URL)."""
-        return self._plan().path
+        return self._url or self._plan().path
 
     @property
     def group(self) -> tuple[int, ...]:
@@ -100,10 +105,13 @@ class PendingSave:
     def wait(self, timeout_s: float | None = None) -> Any:
         """Block until committed and return the :class:`~lightning_ckpt.collective.SaveResult`; raise its error."""
         try:
-            return self._future.result(timeout_s)
+            result = self._future.result(timeout_s)
         except Exception:
             self._raised = True
             raise
+        if self._url is not None and isinstance(result, SaveResult):
+            result = SaveResult(path=self._url, group=result.group, leader=result.leader, files=result.files)
+        return result
 
 
 class SavePipeline:

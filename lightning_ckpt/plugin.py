@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from lightning.fabric.plugins import CheckpointIO
@@ -40,6 +40,7 @@ from lightning_ckpt.commit import check_target
 from lightning_ckpt.discovery import Resolved, list_committed, load_resolved, resolve
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import ConfigError, TargetExistsError
+from lightning_ckpt.hooks import check_hooks
 from lightning_ckpt.mirror import RemoteMirror, default_cache_dir
 from lightning_ckpt.pipeline import PendingSave, SavePipeline
 from lightning_ckpt.plan import ReplicatedTest
@@ -54,16 +55,6 @@ from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy
 __all__ = ["ShardedCheckpointIO"]
 
 log = logging.getLogger("lightning_ckpt")
-
-
-def _check_hooks(writer_hooks: object) -> list[WriterHook]:
-    example = "[MyHook()] where MyHook subclasses lightning_ckpt.WriterHook"
-    if isinstance(writer_hooks, (WriterHook, str)) or not isinstance(writer_hooks, Iterable):
-        raise ConfigError("writer_hooks", writer_hooks, example, "It must be a list of hooks")
-    hooks = list(writer_hooks)
-    if not all(isinstance(h, WriterHook) for h in hooks):
-        raise ConfigError("writer_hooks", hooks, example)
-    return hooks
 
 
 class ShardedCheckpointIO(CheckpointIO):
@@ -124,7 +115,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self.storage_options = check_storage_options(storage_options)  # a TypeError too; values are never shown
         self.barrier_timeout_s = check_seconds("barrier_timeout_s", barrier_timeout_s, "600 (seconds)")
         self.upload_timeout_s = check_seconds("upload_timeout_in_seconds", upload_timeout_in_seconds, "3600")
-        self.writer_hooks = _check_hooks(writer_hooks)
+        self.writer_hooks = check_hooks(writer_hooks)
         self.num_concurrent_uploads = check_count("num_concurrent_uploads", num_concurrent_uploads, "4")
         example = "'/local/nvme/lightning_ckpt' or None (~/.cache/lightning_ckpt)"
         self.cache_dir = check_directory("cache_dir", cache_dir, example) or default_cache_dir()
@@ -287,7 +278,7 @@ class ShardedCheckpointIO(CheckpointIO):
         pending = self._pipeline.run(
             prepare, asynchronous=asynchronous, committed=committed, step=_step_of(checkpoint), uploads=remote
         )
-        return _InStore(pending, remote_storage.url(remote_target)) if remote else pending
+        return pending.in_store(remote_storage.url(remote_target)) if remote else pending
 
     def _record_upload(self, stats: SaveStats, committed_here: bool) -> None:
         """An upload finished on this rank (background thread): log its line where committed, queue its metrics."""
@@ -489,22 +480,6 @@ class ShardedCheckpointIO(CheckpointIO):
         errors += self.mirror.close()
         if errors:
             raise errors[0]
-
-
-class _InStore(PendingSave):
-    """A save of a remote folder: committed locally first, it names the checkpoint in the store."""
-
-    def __init__(self, local: PendingSave, url: str) -> None:
-        super().__init__(local._planned, local._future)
-        self._url = url
-
-    @property
-    def path(self) -> str:
-        return self._url
-
-    def wait(self, timeout_s: float | None = None) -> Any:
-        result = super().wait(timeout_s)
-        return SaveResult(path=self._url, group=result.group, leader=result.leader, files=result.files)
 
 
 def _step_of(checkpoint: Mapping[str, Any]) -> int | None:
