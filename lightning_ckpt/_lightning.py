@@ -42,16 +42,13 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_ckpt.dist import max_over_ranks
 from lightning_ckpt.layout import Progress, RankInfo
 
 __all__ = [
     "check_strategy_savable",
-    "max_across_ranks",
     "replicated_test",
     "preemption_exit",
     "LastCheckpointProvider",
-    "decide_on_rank_zero",
     "default_run_name",
     "dump_checkpoint",
     "install_directory_loader",
@@ -100,30 +97,6 @@ def progress(trainer: Trainer) -> Progress:
     return Progress(
         epoch=trainer.current_epoch, batch=trainer.global_step, batch_in_epoch=batch_in_epoch, metrics=metrics
     )
-
-
-def decide_on_rank_zero(trainer: Trainer, decide: Callable[[], T]) -> T:
-    """Evaluate ``decide`` on global rank 0 only and give every rank its answer (one broadcast).
-
-    Used for decisions ranks could disagree on (clocks, user callables); a disagreement about
-    whether to save would leave some ranks waiting at the barrier.
-    """
-    if trainer.world_size == 1:
-        return decide()
-    decision = decide() if trainer.is_global_zero else None
-    return trainer.strategy.broadcast(decision, src=0)  # type: ignore[return-value]
-
-
-def max_across_ranks(trainer: Trainer, values: list[int]) -> list[int]:
-    """Element-wise maximum of small integers over all ranks (one all-reduce on the strategy's device)."""
-    if trainer.world_size == 1:
-        return list(values)
-    combined = max_over_ranks(values, trainer.strategy.root_device)
-    if combined is not None:
-        return combined
-    tensor = torch.tensor(values, dtype=torch.int64, device=trainer.strategy.root_device)
-    tensor = trainer.strategy.reduce(tensor, reduce_op="max")  # a strategy with its own collectives
-    return [int(v) for v in tensor.tolist()]
 
 
 def log_save_metrics(trainer: Trainer, events: list[tuple[str, Any]]) -> bool:

@@ -25,9 +25,9 @@ operation                         with a process group (N ranks)               s
 
 ``report`` / ``await_reports`` and the three ``announce`` methods only set, read and poll store
 keys: they never run a collective, so they are safe on a background thread (uploads, async saves).
-The one collective of the package, :func:`max_over_ranks` (preemption flags, once per agreed step),
-lives here too and runs on the training thread only; rank-0 decisions use the strategy's broadcast
-(:func:`lightning_ckpt._lightning.decide_on_rank_zero`).
+The training thread's collectives live here too: :func:`decide_on_rank_zero` (the strategy's
+broadcast of rank 0's answer) and :func:`max_across_ranks` (preemption flags, one all-reduce per
+agreed step).
 
 Example:
     >>> ex = Exchange.current(prefix="doc", timeout_s=5)
@@ -41,16 +41,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+import torch
 import torch.distributed as dist
 
 from lightning_ckpt.errors import CollectiveError  # re-exported: its home was this module
 
-__all__ = ["CollectiveError", "Exchange", "default_store", "exchange_rank", "max_over_ranks"]
+__all__ = [
+    "CollectiveError",
+    "Exchange",
+    "TrainingRanks",
+    "decide_on_rank_zero",
+    "default_store",
+    "exchange_rank",
+    "max_across_ranks",
+]
 
+T = TypeVar("T")
 _POLL_S = 0.05  # how often wait_announced reads the store
 
 
@@ -66,21 +76,50 @@ def default_store() -> Any:
     return None
 
 
-def max_over_ranks(values: Sequence[int], device: Any = "cpu") -> list[int] | None:
-    """Element-wise maximum of small integers over every rank (one all-reduce on ``device``; training thread only).
+class TrainingRanks(Protocol):
+    """What the training-thread collectives need of a Lightning ``Trainer`` (duck-typed: no Lightning import)."""
 
-    Returns ``None`` without an initialised process group (the caller then uses its strategy's own reduce).
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def is_global_zero(self) -> bool: ...
+    @property
+    def strategy(self) -> Any: ...
+
+
+def decide_on_rank_zero(trainer: TrainingRanks, decide: Callable[[], T]) -> T:
+    """Evaluate ``decide`` on global rank 0 only and give every rank its answer (the strategy's broadcast).
+
+    For decisions ranks could disagree on (clocks, user callables, who holds a lock); a disagreement
+    about whether to save would leave some ranks waiting at the barrier. Training thread only.
 
     Example:
-        >>> max_over_ranks([1, 0]) is None  # a single process: nothing to combine
-        True
+        >>> from types import SimpleNamespace
+        >>> decide_on_rank_zero(SimpleNamespace(world_size=1, is_global_zero=True, strategy=None), lambda: "save")
+        'save'
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    import torch
+    if trainer.world_size == 1:
+        return decide()
+    decision = decide() if trainer.is_global_zero else None
+    return trainer.strategy.broadcast(decision, src=0)
 
-    tensor = torch.tensor(list(values), dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # no barrier: one collective
+
+def max_across_ranks(trainer: TrainingRanks, values: Sequence[int]) -> list[int]:
+    """Element-wise maximum of small integers over every rank: one all-reduce on the strategy's device
+    (the strategy's own ``reduce`` without a ``torch.distributed`` group). Training thread only.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> max_across_ranks(SimpleNamespace(world_size=1, is_global_zero=True, strategy=None), [1, 0])
+        [1, 0]
+    """
+    if trainer.world_size == 1:
+        return list(values)
+    tensor = torch.tensor(list(values), dtype=torch.int64, device=trainer.strategy.root_device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)  # no barrier: one collective
+    else:
+        tensor = trainer.strategy.reduce(tensor, reduce_op="max")
     return [int(v) for v in tensor.tolist()]
 
 

@@ -22,10 +22,9 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
-from lightning_ckpt import _lightning
 from lightning_ckpt.commit import remove_leftovers
 from lightning_ckpt.discovery import list_committed
-from lightning_ckpt.dist import Exchange
+from lightning_ckpt.dist import Exchange, decide_on_rank_zero
 from lightning_ckpt.errors import FolderConflictError, FolderInUseError
 from lightning_ckpt.layout import cache_path
 from lightning_ckpt.lock import FolderLock
@@ -116,7 +115,7 @@ class FolderSession:
             except FolderInUseError as err:
                 refusal = str(err)
         if trainer.world_size > 1:
-            refusal = _lightning.decide_on_rank_zero(trainer, lambda: refusal)
+            refusal = decide_on_rank_zero(trainer, lambda: refusal)
         if refusal is not None:
             raise FolderInUseError(refusal)
 
@@ -191,7 +190,7 @@ class FolderSession:
             except Exception:  # a legacy .ckpt file or another library's checkpoint: a new run
                 run_id = None
         proposal = str(run_id) if run_id is not None else uuid.uuid4().hex[:16]
-        return _lightning.decide_on_rank_zero(trainer, lambda: proposal)  # every rank, always: one broadcast
+        return decide_on_rank_zero(trainer, lambda: proposal)  # every rank, always: one broadcast
 
     def records(self, filename: NameFormat) -> list[CheckpointRecord]:
         """Records of this saver's committed checkpoints in the folder, oldest first."""

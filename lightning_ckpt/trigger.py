@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from lightning_ckpt import _lightning
+from lightning_ckpt.dist import decide_on_rank_zero, max_across_ranks
 from lightning_ckpt.interval import AgreementCadence, Event, SavePoint, SaveSchedule
 from lightning_ckpt.preemption import PREEMPTION_CHECK_S, PreemptionWatch
 
@@ -79,7 +79,7 @@ class SaveTrigger:
         def decide() -> tuple[bool, int | None]:
             return self.schedule.is_due(point, trainer, now), self._cadence.next_check(step, now) if at_batch else None
 
-        due, next_check = _lightning.decide_on_rank_zero(trainer, decide)
+        due, next_check = decide_on_rank_zero(trainer, decide)
         if next_check is not None:
             self._cadence.adopt(next_check)
         return Decision("save", point, now) if due else _NOTHING
@@ -98,7 +98,7 @@ class SaveTrigger:
             return False
         now = time.monotonic()
         proposal = self._preemption_cadence.next_check(step, now) if trainer.is_global_zero else 0
-        flag, next_check = _lightning.max_across_ranks(trainer, [int(self.preemption.received is not None), proposal])
+        flag, next_check = max_across_ranks(trainer, [int(self.preemption.received is not None), proposal])
         if event is Event.BATCH_END:
             self._preemption_cadence.adopt(next_check)
         return bool(flag)
