@@ -241,9 +241,7 @@ class CheckpointSaver(Checkpoint):
         return self.options.folder.render(run_name=self.options.run_name, rank=_lightning.rank_info(trainer))
 
     def _folder_session(self, trainer: Trainer) -> FolderSession:
-        """This fit's session (made in ``setup``), or a fresh one for a query before it; never any I/O."""
-        if self._session is not None:
-            return self._session
+        """A session of this saver's folder for ``trainer`` (no I/O; ``setup`` keeps the one of the fit)."""
         current = trainer.strategy.checkpoint_io
         rank = _lightning.rank_info(trainer)
         return FolderSession.open(
@@ -312,8 +310,10 @@ class CheckpointSaver(Checkpoint):
         if self._io is None or self._io_trainer is None or self._io_trainer() is not trainer:  # made once per trainer
             self._io = _plugin_for(trainer, self.options, self.folder_path(trainer))
             self._io_trainer = weakref.ref(trainer)
-        self._session = None
-        session = self._session = self._folder_session(trainer)
+        session = self._folder_session(trainer)
+        if self._session is not None and self._session.lock is not None and self._session.url == session.url:
+            session.lock, self._session.lock = self._session.lock, None  # still held: no teardown since
+        self._session = session
         session.check(self.folder_path(trainer), fit=stage == "fit")
         if stage == "fit" and self.options.lock_folder:  # only a fit saves: evaluating a live run is never refused
             siblings = [cb for cb in trainer.callbacks if isinstance(cb, CheckpointSaver) and cb is not self]  # type: ignore[attr-defined]
