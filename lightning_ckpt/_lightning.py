@@ -309,7 +309,8 @@ def check_strategy_savable(trainer: Trainer) -> None:
 def _names_checkpoint_directory(path: str) -> bool:
     """Whether ``path`` is a directory (or a ``latest.symlink`` pointer): this package's, never ``torch.load``'s."""
     from lightning_ckpt.layout import POINTER_SUFFIX
-    from lightning_ckpt.storage import Storage, is_url
+    from lightning_ckpt.locations import is_url
+    from lightning_ckpt.storage import Storage
 
     if path.startswith(("http://", "https://")):
         return False

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from importlib import metadata as importlib_metadata
@@ -127,7 +126,7 @@ def write_objects(storage: Storage, directory: str, skeleton: Any, *, rank: int)
 
 def remove_checkpoint_dir(storage: Storage, ckpt_dir: str) -> None:
     """Delete a checkpoint: the manifest first, so a half-deleted checkpoint never looks committed."""
-    if storage.isfile(ckpt_dir) or (storage.is_local and os.path.islink(ckpt_dir)):
+    if storage.isfile(ckpt_dir) or storage.islink(ckpt_dir):
         storage.remove_file(ckpt_dir)
         return
     storage.remove_file(storage.join(ckpt_dir, layout.MANIFEST_FILENAME))

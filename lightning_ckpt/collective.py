@@ -51,12 +51,13 @@ from lightning_ckpt import _faults, layout
 from lightning_ckpt.agree import agree_on_plan
 from lightning_ckpt.assembly import assemble_manifest, entry_rows
 from lightning_ckpt.checkpoint import PreparedShard, pickle_objects, prepare_shard, write_objects, write_prepared_shard
-from lightning_ckpt.commit import check_target, commit_dir, stage_dir, update_latest
+from lightning_ckpt.commit import Commit, commit_dir, stage_dir, update_latest
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.hooks import WriterHook as WriterHook
 from lightning_ckpt.plan import replicated_test
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.storage import Storage
+from lightning_ckpt.targets import check_target
 
 __all__ = [
     "PreparedSave",
@@ -242,8 +243,8 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
     try:
         written = exchange.barrier("written", payload=payload, error=error)
     except BaseException:
-        if is_leader and staged and storage.is_local:
-            storage.remove_tree(staged)
+        if is_leader and staged:
+            Commit.for_storage(storage).abort(staged)  # local staging removed (and its lock released)
         raise
     commit_error: BaseException | None = None
     if is_leader:

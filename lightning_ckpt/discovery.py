@@ -73,9 +73,7 @@ def list_committed(storage: Storage, folder: str) -> list[tuple[str, Manifest]]:
         if layout.is_hidden_name(name) or name.endswith(layout.POINTER_SUFFIX):
             continue
         path = storage.join(folder, name)
-        if (storage.is_local and os.path.islink(path)) or not storage.exists(
-            storage.join(path, layout.MANIFEST_FILENAME)
-        ):
+        if storage.islink(path) or not storage.exists(storage.join(path, layout.MANIFEST_FILENAME)):
             continue
         try:
             manifest = read_manifest(storage, path)
@@ -156,7 +154,7 @@ def resolve(path: str | os.PathLike[str], storage_options: Mapping[str, Any] | N
         True
     """
     storage, target = Storage.open(path, storage_options)
-    if storage.is_local and os.path.islink(target):
+    if storage.islink(target):
         real = os.path.realpath(target)
         if not os.path.exists(real):
             raise CorruptCheckpointError(f"{target} links to {real}, which does not exist")

@@ -166,6 +166,10 @@ class Exchange:
         """An exchange with the same ranks under another namespace."""
         return Exchange(self.store, self.rank, self.world_size, f"{self.prefix}/{prefix}", self.timeout_s)
 
+    def with_timeout(self, timeout_s: float) -> Exchange:
+        """The same exchange (ranks, namespace) waiting at most ``timeout_s`` for the other ranks."""
+        return Exchange(self.store, self.rank, self.world_size, self.prefix, timeout_s)
+
     def _key(self, phase: str, rank: int) -> str:
         return self._named(f"{phase}/{rank}")
 

@@ -38,6 +38,7 @@ import uuid
 from typing import Any
 
 from lightning_ckpt.errors import FolderInUseError
+from lightning_ckpt.layout import LOCK_FILENAME
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, with_retries
 
@@ -45,7 +46,6 @@ __all__ = ["LEASE_REFRESH_S", "LEASE_STALE_S", "LOCK_FILENAME", "FolderLock"]
 
 log = logging.getLogger("lightning_ckpt")
 
-LOCK_FILENAME = ".lightning_ckpt.lock"
 LEASE_REFRESH_S = 60.0
 LEASE_STALE_S = 300.0
 

@@ -28,7 +28,7 @@ from lightning_ckpt import layout
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import SaveResult
 from lightning_ckpt.discovery import Resolved
-from lightning_ckpt.dist import default_store, exchange_rank
+from lightning_ckpt.dist import Exchange
 from lightning_ckpt.layout import cache_path
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
@@ -131,9 +131,7 @@ class RemoteMirror:
                 files=local.files,
                 commit=local.leader,
                 members=local.group,
-                store=default_store(),
-                key=key,
-                rank=exchange_rank(),
+                exchange=Exchange.current(prefix=key, timeout_s=self.settings.upload_timeout_s),
                 pointer=pointer,
                 after_commit=committed_remotely,
                 stats=stats,

@@ -23,9 +23,9 @@ from lightning_ckpt._checks import check_bool, check_count, check_seconds
 from lightning_ckpt.errors import ConfigError
 from lightning_ckpt.interval import EveryNEpochs, SaveSchedule, parse_save_interval
 from lightning_ckpt.layout import NameFormat
+from lightning_ckpt.locations import check_storage_options, check_url, is_url
 from lightning_ckpt.policies import RetentionPolicy, build_retention_policy
 from lightning_ckpt.preemption import parse_signals
-from lightning_ckpt.storage import check_storage_options, check_url, is_url
 
 __all__ = ["IgnoreKeys", "SaverOptions"]
 

@@ -36,11 +36,11 @@ from lightning_ckpt._checks import check_bool, check_count, check_directory, che
 from lightning_ckpt._lightning import install_directory_loader
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import PreparedSave, SaveResult, WriterHook, checkpoint_dir_path, prepare_alone
-from lightning_ckpt.commit import check_target
 from lightning_ckpt.discovery import Resolved, list_committed, load_resolved, resolve
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import ConfigError, TargetExistsError
 from lightning_ckpt.hooks import check_hooks
+from lightning_ckpt.locations import check_storage_options
 from lightning_ckpt.mirror import RemoteMirror, default_cache_dir
 from lightning_ckpt.pipeline import PendingSave, SavePipeline
 from lightning_ckpt.plan import ReplicatedTest
@@ -49,7 +49,8 @@ from lightning_ckpt.resume import Resumed, ResumePlan, agree, listing, load_firs
 from lightning_ckpt.saves import CollectiveSaves
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.stats import SaveStats
-from lightning_ckpt.storage import Storage, check_storage_options
+from lightning_ckpt.storage import Storage
+from lightning_ckpt.targets import check_target
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy
 
 __all__ = ["ShardedCheckpointIO"]
@@ -443,7 +444,7 @@ class ShardedCheckpointIO(CheckpointIO):
         storage, target = Storage.open(os.fspath(path), self.storage_options)
 
         def remove() -> None:
-            if storage.is_local and os.path.islink(target):
+            if storage.islink(target):
                 storage.remove_file(target)  # a link (save_last="link"): no data goes with it
             elif storage.exists(target):
                 try:

@@ -30,8 +30,9 @@ from lightning_ckpt import layout
 from lightning_ckpt.checksum import checksum_string, parallel_crc32
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, ConfigTypeError, CorruptCheckpointError
 from lightning_ckpt.file_reads import byte_view, load_file, read_ahead, read_whole, tensors_to_map
+from lightning_ckpt.locations import check_url
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
-from lightning_ckpt.storage import Storage, check_url
+from lightning_ckpt.storage import Storage
 from lightning_ckpt.tree import merge_tensors
 
 __all__ = ["MapLocation", "load_checkpoint_dir", "read_checkpoint", "read_manifest", "verify_files"]

@@ -49,8 +49,8 @@ class CollectiveSaves:
 
     @property
     def upload_key(self) -> str:
-        """The store namespace of the upload reports of the latest save (same on every member)."""
-        return f"lightning_ckpt/{self.namespace}/upload{self.count}"
+        """The exchange namespace of the upload reports of the latest save (same on every member)."""
+        return f"{self.namespace}/upload{self.count}"
 
     def prepare(
         self,

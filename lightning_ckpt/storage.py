@@ -1,7 +1,11 @@
-"""Where checkpoints live: local disk (fast path, atomic renames) or any fsspec filesystem.
+"""Where checkpoints live: the :class:`Storage` interface and its two types, chosen once by :meth:`Storage.open`.
 
-This is the only module that imports ``fsspec``. A :class:`Storage` wraps one filesystem; paths
-handed to its methods are absolute paths on that filesystem (for local disk, ordinary paths).
+* :class:`LocalStorage`: local disk, through ``os`` (fast path, atomic renames, symlinks);
+* :class:`FsspecStorage`: any fsspec filesystem (``s3://``, ``gs://``, ``memory://``, ...).
+
+This and :mod:`lightning_ckpt.locations` (which checks URLs and options before any I/O) are the
+only modules that import ``fsspec``; only this one touches a filesystem object. Paths handed to a
+storage's methods are absolute paths on it (for local disk, ordinary paths).
 
 Local writes are atomic: data goes to a hidden temporary name, is fsynced, renamed into place,
 and the directory is fsynced so the rename itself survives a power cut. Object stores have no
@@ -20,270 +24,230 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
-import functools
-import inspect
 import os
 import shutil
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import IO, Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
-from fsspec.registry import known_implementations, registry
 
 from lightning_ckpt import layout
-from lightning_ckpt.errors import ConfigError, ConfigTypeError
-from lightning_ckpt.redact import register_secrets
+from lightning_ckpt.localfs import SyncedFile, exchange_dirs, fsync_dir
+from lightning_ckpt.locations import check_storage_options, is_url
 
-__all__ = ["HIDDEN", "Storage", "check_storage_options", "check_url", "fsync_dir", "is_url"]
-
-HIDDEN = "<hidden>"
-"""How ``storage_options`` appear in messages: their values may be credentials, so they never do."""
-
-_OPTIONS_EXAMPLE = "{'key': ..., 'secret': ..., 'client_kwargs': {'endpoint_url': 'https://...'}}"
-# Filesystems that silently keep options they do not know (s3fs hands them to aiobotocore's AioSession
-# only when it first connects, which then fails with a TypeError that does not say where it came from).
-_CHECKED_PROTOCOLS = frozenset({"s3", "s3a"})
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
+__all__ = ["FsspecStorage", "LocalStorage", "Storage"]
 
 
-def is_url(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` names a non-local fsspec location (``s3://``, ``memory://``, ...).
+class Storage(ABC):
+    """One filesystem, behind one interface: :class:`LocalStorage` or :class:`FsspecStorage`.
 
-    Example:
-        >>> is_url("s3://bucket/x"), is_url("/tmp/x"), is_url("file:///tmp/x")
-        (True, False, False)
-    """
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://")
+    Use :meth:`Storage.open` to get a storage and the root path for a path or URL. Callers that
+    must know whether a folder is on this machine (to keep a local cache of a remote one) read
+    :attr:`is_local`; every difference in *how* files are handled lives in the two types.
 
-
-def check_url(url: str, argument: str, example: str) -> None:
-    """Raise :class:`ConfigError` naming ``argument`` when ``url`` uses a protocol fsspec does not know.
-
-    Example:
-        >>> check_url("s4://bucket/run", "folder", "'s3://bucket/run'")
-        Traceback (most recent call last):
-        ...
-        lightning_ckpt.errors.ConfigError: folder='s4://bucket/run' is not valid. Unknown protocol 's4'; ...
-    """
-    if not is_url(url) or "::" in url:  # chained URLs (simplecache::s3://...) name several protocols
-        return
-    protocol = url.split("://", 1)[0]
-    if protocol not in known_implementations and protocol not in registry:
-        reason = f"Unknown protocol {protocol!r}; use a local path or an fsspec URL (s3://, gs://, az://, memory://)"
-        raise ConfigError(argument, url, example, reason)
-
-
-@functools.cache
-def _accepted_options(protocol: str) -> frozenset[str] | None:
-    """Option names the filesystem of ``protocol`` accepts, or ``None`` when they cannot be listed."""
-    if protocol not in _CHECKED_PROTOCOLS:
-        return None
-    try:
-        fs_class = fsspec.get_filesystem_class(protocol)
-        from aiobotocore.session import AioSession
-    except ImportError:  # opening the URL reports the missing package
-        return None
-    names = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}  # fsspec's own
-    for init in [klass.__dict__["__init__"] for klass in fs_class.__mro__ if "__init__" in klass.__dict__] + [
-        AioSession.__init__
-    ]:
-        try:
-            parameters = inspect.signature(init).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        names.update(p.name for p in parameters if p.kind in kinds and p.name != "self")
-    return frozenset(names)
-
-
-def check_storage_options(
-    options: object, url: str | None = None, *, argument: str = "storage_options"
-) -> dict[str, Any]:
-    """Validate ``storage_options`` (for ``url`` when given) and return them as a new dict.
-
-    Messages name the argument and, for an unknown option, the option's name, but never a value:
-    values may be credentials.
-
-    Raises:
-        ConfigTypeError: ``options`` is not a mapping of option names.
-        ConfigError: an option that the filesystem of ``url`` does not have (S3).
-
-    Example:
-        >>> check_storage_options({"key": "AKIA...", "secret": "..."}, "s3://bucket/run")["key"]
-        'AKIA...'
-        >>> check_storage_options({"secret_key": "..."}, "s3://bucket/run")
-        Traceback (most recent call last):
-        ...
-        lightning_ckpt.errors.ConfigError: storage_options='<hidden>' is not valid. 'secret_key' is not an ...
-    """
-    if options is None:
-        return {}
-    if isinstance(options, Mapping):
-        register_secrets(options)  # scrubbed from every log record from now on, whoever logs them
-    if not isinstance(options, Mapping):
-        reason = f"{argument} must be a dict of fsspec options, got {type(options).__name__}"
-        raise ConfigTypeError(argument, HIDDEN, _OPTIONS_EXAMPLE, reason)
-    for name in options:
-        if not isinstance(name, str):
-            reason = f"Its keys must be option names (str), not {type(name).__name__}"
-            raise ConfigTypeError(argument, HIDDEN, _OPTIONS_EXAMPLE, reason)
-    if url is not None and is_url(url) and "::" not in url:
-        protocol = url.split("://", 1)[0]
-        accepted = _accepted_options(protocol)
-        unknown = sorted(set(options) - accepted) if accepted is not None else []
-        if unknown:
-            fs_class = fsspec.get_filesystem_class(protocol)
-            reason = (
-                f"{unknown[0]!r} is not an option of {protocol}:// ({fs_class.__module__}.{fs_class.__name__});"
-                f" its options are {', '.join(sorted(accepted or ()))}"
-            )
-            raise ConfigError(argument, HIDDEN, _OPTIONS_EXAMPLE, reason)
-    return dict(options)
-
-
-def fsync_dir(path: str) -> None:
-    """Fsync a local directory so that renames and creations inside it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange_dirs(a: str, b: str) -> bool:
-    """Atomically swap two local paths with ``renameat2(RENAME_EXCHANGE)``; False when unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    if result == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), a)
-
-
-class Storage:
-    """One filesystem: local disk or any fsspec protocol.
-
-    Use :meth:`Storage.open` to get a storage and the root path for a path or URL.
-
-    Args:
-        fs: the fsspec filesystem.
+    Attributes:
         protocol: the URL protocol (``"file"`` for local disk).
+        clients: other clients for the same store (e.g. boto3), made once by their user.
     """
 
-    def __init__(self, fs: Any, protocol: str) -> None:
-        self.fs = fs
-        self.protocol = protocol
-        self.is_local = isinstance(fs, LocalFileSystem)
-        self.clients: dict[str, Any] = {}  # other clients for the same store (e.g. boto3), made once
+    protocol: str
+
+    def __init__(self) -> None:
+        self.clients: dict[str, Any] = {}
+
+    @property
+    def is_local(self) -> bool:
+        """Whether paths are on this machine's disk (read-only)."""
+        return False
 
     @classmethod
     def open(cls, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str]:
-        """Return the storage for ``url`` and the path inside it.
+        """Return the storage for ``url`` (its type chosen here, once) and the path inside it.
 
         Example:
             >>> storage, path = Storage.open("memory://runs/a")
-            >>> storage.protocol, path
-            ('memory', '/runs/a')
+            >>> type(storage).__name__, storage.protocol, path
+            ('FsspecStorage', 'memory', '/runs/a')
         """
         text = os.fspath(url)
         options = check_storage_options(storage_options, text)
         if not is_url(text):
             local = text[len("file://") :] if text.startswith("file://") else text
-            return cls(LocalFileSystem(), "file"), os.path.abspath(os.path.expanduser(local))
+            return LocalStorage(), os.path.abspath(os.path.expanduser(local))
         fs, path = fsspec.core.url_to_fs(text, **options)
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-        return cls(fs, protocol), path
+        return FsspecStorage(fs, protocol), path
 
     def __repr__(self) -> str:
-        return f"Storage(protocol={self.protocol!r})"
+        return f"{type(self).__name__}(protocol={self.protocol!r})"
 
+    # -- names -----------------------------------------------------------------------------------
+    @abstractmethod
     def url(self, path: str) -> str:
         """The path as a user would type it: plain for local disk, ``protocol://path`` otherwise."""
-        if self.is_local:
-            return path
-        return self.fs.unstrip_protocol(path)
 
     def join(self, *parts: str) -> str:
-        """Join path components with the filesystem's separator."""
-        if self.is_local:
-            return os.path.join(*parts)
+        """Join path components with ``/``."""
         return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1].lstrip("/")
 
     def basename(self, path: str) -> str:
-        return path.rstrip("/").rsplit("/", 1)[-1] if not self.is_local else os.path.basename(path)
+        """The last component of ``path``."""
+        return path.rstrip("/").rsplit("/", 1)[-1]
 
     def dirname(self, path: str) -> str:
-        return os.path.dirname(path) if self.is_local else path.rstrip("/").rsplit("/", 1)[0]
+        """``path`` without its last component."""
+        return path.rstrip("/").rsplit("/", 1)[0]
 
     # -- queries ---------------------------------------------------------------------------------
+    @abstractmethod
     def exists(self, path: str) -> bool:
-        return os.path.lexists(path) if self.is_local else bool(self.fs.exists(path))
+        """Whether anything (a file, a directory, a link) is at ``path``."""
 
+    @abstractmethod
     def isdir(self, path: str) -> bool:
-        return os.path.isdir(path) if self.is_local else bool(self.fs.isdir(path))
+        """Whether ``path`` is a directory (a prefix with objects under it, in an object store)."""
 
+    @abstractmethod
     def isfile(self, path: str) -> bool:
-        return os.path.isfile(path) if self.is_local else bool(self.fs.isfile(path))
+        """Whether ``path`` is a file."""
 
+    def islink(self, path: str) -> bool:
+        """Whether ``path`` is a symbolic link (never, where the filesystem has none)."""
+        return False
+
+    def settings(self, *names: str) -> dict[str, Any]:
+        """The filesystem's settings of these names that it has (credentials, endpoints), to make another client."""
+        return {}
+
+    @abstractmethod
     def size(self, path: str) -> int:
-        return os.path.getsize(path) if self.is_local else int(self.fs.size(path))
+        """The size of file ``path`` in bytes."""
 
+    @abstractmethod
     def listdir(self, path: str) -> list[str]:
-        """Names (not paths) of the entries of a directory; empty when it does not exist."""
-        if self.is_local:
-            try:
-                return sorted(os.listdir(path))
-            except (FileNotFoundError, NotADirectoryError):
-                return []
-        if not self.fs.exists(path):
-            return []
-        self.fs.invalidate_cache(path)
-        return sorted(self.basename(p) for p in self.fs.ls(path, detail=False) if p.rstrip("/") != path)
+        """Names (not paths) of the entries of a directory, sorted; empty when it does not exist."""
 
     # -- reading ---------------------------------------------------------------------------------
+    @abstractmethod
     def read_bytes(self, path: str) -> bytes:
-        if self.is_local:
-            with open(path, "rb") as f:
-                return f.read()
-        return bytes(self.fs.cat_file(path))
+        """The whole content of file ``path``."""
 
+    @abstractmethod
     def open_read(self, path: str) -> IO[bytes]:
-        if self.is_local:
-            return open(path, "rb")
-        return self.fs.open(path, "rb")
+        """File ``path`` open for reading (seekable)."""
+
+    @abstractmethod
+    def get_file(self, path: str, local_path: str, **options: Any) -> None:
+        """Copy file ``path`` to ``local_path`` on this machine (``options``: the filesystem's transfer options)."""
 
     # -- writing ---------------------------------------------------------------------------------
+    @abstractmethod
     def makedirs(self, path: str) -> None:
-        if self.is_local:
-            os.makedirs(path, exist_ok=True)
-        else:
-            self.fs.makedirs(path, exist_ok=True)
+        """Create directory ``path`` and its parents; an existing one is fine."""
 
+    @abstractmethod
     def open_write(self, path: str) -> IO[bytes]:
-        """Open a new file for writing (remote stores only; local writers use file descriptors)."""
-        return self.fs.open(path, "wb")
+        """A new file ``path`` open for writing; it is complete (and durable) once closed."""
 
+    @abstractmethod
     def write_bytes_atomic(self, path: str, data: bytes) -> None:
         """Write a small file so that readers see either nothing, the old bytes, or all new bytes."""
-        if not self.is_local:
-            self.fs.pipe_file(path, data)
-            return
+
+    @abstractmethod
+    def put_file(self, local_path: str, path: str, **options: Any) -> None:
+        """Copy file ``local_path`` of this machine to ``path`` (``options``: the filesystem's transfer options)."""
+
+    def symlink_atomic(self, target: str, link: str) -> None:
+        """Point symlink ``link`` at ``target`` (a relative name), replacing an old link atomically."""
+        raise NotImplementedError(f"{self!r} has no symbolic links")
+
+    def publish_dir(self, staged: str, final: str) -> str | None:
+        """Move a fully written directory into place atomically; return the path holding what it replaced."""
+        raise NotImplementedError(f"{self!r} has no atomic rename")
+
+    @abstractmethod
+    def remove_file(self, path: str) -> None:
+        """Delete file (or link) ``path``; a missing one is fine."""
+
+    @abstractmethod
+    def remove_tree(self, path: str) -> None:
+        """Delete a directory tree; missing paths are fine."""
+
+
+class LocalStorage(Storage):
+    """Local disk through ``os``: atomic writes (temporary name, fsync, rename, directory fsync), symlinks.
+
+    Example:
+        >>> import tempfile
+        >>> storage, root = Storage.open(tempfile.mkdtemp())
+        >>> isinstance(storage, LocalStorage), storage.is_local
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.protocol = "file"
+
+    @property
+    def is_local(self) -> bool:
+        """Always true: paths are on this machine's disk."""
+        return True
+
+    def url(self, path: str) -> str:
+        return path
+
+    def join(self, *parts: str) -> str:
+        return os.path.join(*parts)
+
+    def basename(self, path: str) -> str:
+        return os.path.basename(path)
+
+    def dirname(self, path: str) -> str:
+        return os.path.dirname(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def isdir(self, path: str) -> bool:
+        return os.path.isdir(path)
+
+    def isfile(self, path: str) -> bool:
+        return os.path.isfile(path)
+
+    def islink(self, path: str) -> bool:
+        return os.path.islink(path)
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(path)
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def open_read(self, path: str) -> IO[bytes]:
+        return open(path, "rb")
+
+    def get_file(self, path: str, local_path: str, **options: Any) -> None:
+        shutil.copyfile(path, local_path)
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def open_write(self, path: str) -> IO[bytes]:
+        return SyncedFile(path, "wb")
+
+    def put_file(self, local_path: str, path: str, **options: Any) -> None:
+        shutil.copyfile(local_path, path)
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
         directory, name = os.path.split(path)
         tmp = os.path.join(directory, layout.temp_filename(name, uuid.uuid4().hex[:8]))
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -303,7 +267,6 @@ class Storage:
         fsync_dir(directory)
 
     def symlink_atomic(self, target: str, link: str) -> None:
-        """Point local symlink ``link`` at ``target`` (a relative name), replacing any old link atomically."""
         directory, name = os.path.split(link)
         tmp = os.path.join(directory, layout.temp_filename(name, uuid.uuid4().hex[:8]))
         os.symlink(target, tmp)
@@ -317,11 +280,10 @@ class Storage:
         fsync_dir(directory)
 
     def publish_dir(self, staged: str, final: str) -> str | None:
-        """Move a fully written local directory into place atomically.
+        """Move directory ``staged`` to ``final`` atomically; return the path now holding the old contents.
 
-        When ``final`` already exists the two are exchanged atomically (``renameat2``), so a reader
-        always sees a complete checkpoint under ``final``. Returns the path now holding the old
-        contents (to be deleted by the caller), or ``None``.
+        An existing ``final`` directory is exchanged atomically (:meth:`exchange`), so a reader always
+        sees a complete checkpoint under ``final``; the caller deletes what is returned (``None``: nothing).
         """
         parent = os.path.dirname(final)
         if not os.path.lexists(final):
@@ -330,31 +292,102 @@ class Storage:
             return None
         if os.path.islink(final) or not os.path.isdir(final):
             raise FileExistsError(f"{final} exists and is not a checkpoint directory; remove it or choose another name")
-        if not _exchange_dirs(staged, final):
-            old = os.path.join(parent, layout.trash_dirname(os.path.basename(final), uuid.uuid4().hex[:8]))
-            os.rename(final, old)
-            os.rename(staged, final)
+        return self.exchange(staged, final)
+
+    def exchange(self, staged: str, final: str) -> str:
+        """Put ``staged`` under the name ``final`` (a directory or a file); return where the old ``final`` went."""
+        parent = os.path.dirname(final)
+        if exchange_dirs(staged, final):
             fsync_dir(parent)
-            return old
+            return staged
+        old = os.path.join(parent, layout.trash_dirname(os.path.basename(final), uuid.uuid4().hex[:8]))
+        os.rename(final, old)
+        os.rename(staged, final)
         fsync_dir(parent)
-        return staged
+        return old
 
     def remove_file(self, path: str) -> None:
-        if self.is_local:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        elif self.fs.exists(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def remove_tree(self, path: str) -> None:
+        if os.path.islink(path):
+            os.unlink(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=False)
+        else:
+            self.remove_file(path)
+
+
+class FsspecStorage(Storage):
+    """Any fsspec filesystem; in an object store a file is visible only once its upload completed.
+
+    Args:
+        fs: the fsspec filesystem.
+        protocol: its URL protocol.
+
+    Example:
+        >>> storage, root = Storage.open("memory://fsspec-storage-doc")
+        >>> storage.write_bytes_atomic(storage.join(root, "a"), b"x"); storage.listdir(root), storage.is_local
+        (['a'], False)
+    """
+
+    def __init__(self, fs: Any, protocol: str) -> None:
+        super().__init__()
+        self.fs = fs
+        self.protocol = protocol
+
+    def url(self, path: str) -> str:
+        return str(self.fs.unstrip_protocol(path))
+
+    def exists(self, path: str) -> bool:
+        return bool(self.fs.exists(path))
+
+    def isdir(self, path: str) -> bool:
+        return bool(self.fs.isdir(path))
+
+    def isfile(self, path: str) -> bool:
+        return bool(self.fs.isfile(path))
+
+    def size(self, path: str) -> int:
+        return int(self.fs.size(path))
+
+    def listdir(self, path: str) -> list[str]:
+        if not self.fs.exists(path):
+            return []
+        self.fs.invalidate_cache(path)
+        return sorted(self.basename(p) for p in self.fs.ls(path, detail=False) if p.rstrip("/") != path)
+
+    def read_bytes(self, path: str) -> bytes:
+        return bytes(self.fs.cat_file(path))
+
+    def open_read(self, path: str) -> IO[bytes]:
+        return self.fs.open(path, "rb")
+
+    def get_file(self, path: str, local_path: str, **options: Any) -> None:
+        self.fs.get_file(path, local_path, **options)
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def open_write(self, path: str) -> IO[bytes]:
+        return self.fs.open(path, "wb")
+
+    def write_bytes_atomic(self, path: str, data: bytes) -> None:
+        self.fs.pipe_file(path, data)  # one request: the object appears whole or not at all
+
+    def put_file(self, local_path: str, path: str, **options: Any) -> None:
+        self.fs.put_file(local_path, path, **options)
+
+    def settings(self, *names: str) -> dict[str, Any]:
+        return {name: getattr(self.fs, name) for name in names if hasattr(self.fs, name)}
+
+    def remove_file(self, path: str) -> None:
+        if self.fs.exists(path):
             self.fs.rm_file(path)
 
     def remove_tree(self, path: str) -> None:
-        """Delete a directory tree; missing paths are fine."""
-        if self.is_local:
-            if os.path.islink(path):
-                os.unlink(path)
-            else:
-                shutil.rmtree(path, ignore_errors=False) if os.path.isdir(path) else self.remove_file(path)
-            return
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from lightning_ckpt import layout
+from lightning_ckpt.commit import ManifestLastCommit
 from lightning_ckpt.errors import ConfigError
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.storage import Storage
@@ -179,21 +180,23 @@ def _boto3_client(storage: Storage) -> Any | None:
     boto3's transfer manager moves parts on OS threads; s3fs does every part's work on one event-loop
     thread, which on small machines makes it the slower uploader (see benchmarks/README.md).
     """
-    if storage.protocol not in ("s3", "s3a") or getattr(storage.fs, "anon", False):
+    settings = storage.settings("anon", "key", "secret", "token", "config_kwargs", "client_kwargs")
+    if storage.protocol not in ("s3", "s3a") or settings.get("anon", False):
         return None
     try:
         import boto3
         from botocore.config import Config
     except ImportError:
         return None
-    fs = storage.fs
     if "boto3" not in storage.clients:
-        config = {k: v for k, v in dict(getattr(fs, "config_kwargs", None) or {}).items()}
+        config = dict(settings.get("config_kwargs") or {})
         session = boto3.session.Session(
-            aws_access_key_id=fs.key, aws_secret_access_key=fs.secret, aws_session_token=fs.token
+            aws_access_key_id=settings.get("key"),
+            aws_secret_access_key=settings.get("secret"),
+            aws_session_token=settings.get("token"),
         )
         storage.clients["boto3"] = session.client(
-            "s3", config=Config(**config), **dict(getattr(fs, "client_kwargs", None) or {})
+            "s3", config=Config(**config), **dict(settings.get("client_kwargs") or {})
         )
     return storage.clients["boto3"]
 
@@ -202,7 +205,7 @@ def _put(storage: Storage, local_path: str, remote_path: str, max_concurrency: i
     client = _boto3_client(storage)
     if client is None:
         options = _transfer_options(storage, os.path.getsize(local_path), max_concurrency)
-        storage.fs.put_file(local_path, remote_path, **options)
+        storage.put_file(local_path, remote_path, **options)
         return
     from boto3.s3.transfer import TransferConfig
 
@@ -240,7 +243,7 @@ def get_file(
     tmp = os.path.join(directory, layout.temp_filename(os.path.basename(local_path), f"dl{os.getpid()}"))
     options: dict[str, Any] = {}  # the filesystem's own download path is the fastest measured (s3fs get_file)
     try:
-        with_retries(lambda: storage.fs.get_file(remote_path, tmp, **options), what=f"download of {remote_path}",
+        with_retries(lambda: storage.get_file(remote_path, tmp, **options), what=f"download of {remote_path}",
                      policy=policy)  # fmt: skip
         os.replace(tmp, local_path)
     finally:
@@ -251,14 +254,13 @@ def get_file(
 def download_checkpoint(
     storage: Storage, remote_dir: str, local_dir: str, manifest_bytes: bytes, workers: int = 8
 ) -> None:
-    """Download every file a manifest lists, in parallel, then write the manifest last (the local commit)."""
+    """Download every file a manifest lists, in parallel, then write the manifest last (:class:`ManifestLastCommit`)."""
     manifest = Manifest.from_json(
         manifest_bytes, source=storage.url(storage.join(remote_dir, layout.MANIFEST_FILENAME))
     )
     os.makedirs(local_dir, exist_ok=True)
-    local_manifest = os.path.join(local_dir, layout.MANIFEST_FILENAME)
-    if os.path.exists(local_manifest):
-        os.unlink(local_manifest)  # un-commit an outdated copy before overwriting its files
+    commit = ManifestLastCommit(Storage.open(local_dir)[0])
+    commit.uncommit(local_dir)  # an outdated copy never looks committed while its files are overwritten
     start = time.monotonic()
     size_mb = manifest.total_bytes / 1e6
     log.info("Downloading %s (%d files, %.1f MB)", storage.url(remote_dir), len(manifest.files), size_mb)
@@ -270,6 +272,6 @@ def download_checkpoint(
         for done, future in enumerate(futures, 1):
             future.result()
             log.info("Downloaded %d/%d files of %s", done, len(futures), manifest.name)
-    Storage.open(local_dir)[0].write_bytes_atomic(local_manifest, manifest_bytes)
+    commit.write_manifest(local_dir, manifest_bytes)
     elapsed = time.monotonic() - start
     log.info("Downloaded %s in %.2f s (%.1f MB/s)", manifest.name, elapsed, size_mb / max(elapsed, 1e-9))

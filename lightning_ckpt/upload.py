@@ -8,9 +8,9 @@ see :mod:`lightning_ckpt.transfer`). Then:
 1. (every rank) report "ok" or the error for this checkpoint (:meth:`~lightning_ckpt.dist.Exchange.report`);
 2. (the committing rank) wait for every member's report
    (:meth:`~lightning_ckpt.dist.Exchange.await_reports`), upload ``manifest.json`` last
-   (the remote commit: readers never see a half-uploaded checkpoint as committed), then the
-   ``latest.symlink`` pointer, then run the queued rotation (deletions only after the new
-   checkpoint is committed remotely).
+   (the remote commit, :class:`~lightning_ckpt.commit.ManifestLastCommit`: readers never see a
+   half-uploaded checkpoint as committed), then the ``latest.symlink`` pointer, then run the queued
+   rotation (deletions only after the new checkpoint is committed remotely).
 
 No collective runs on the background thread: ranks talk only through the key-value store.
 Errors keep their type and are raised once on the training thread by :meth:`Uploader.check`
@@ -38,9 +38,9 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from lightning_ckpt import _faults, layout
+from lightning_ckpt.commit import ManifestLastCommit
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CollectiveError, UploadError  # UploadError re-exported: its home was here
 from lightning_ckpt.stats import SaveStats
@@ -64,9 +64,8 @@ class UploadJob:
         files: the names of this rank's files to upload (the manifest is never among them).
         commit: whether this rank uploads the manifest and pointer once every member is done.
         members: global ranks whose uploads must finish first (the writer group).
-        store: the process group's key-value store (``None`` single-process).
-        key: the store namespace of this checkpoint's reports (same on every member).
-        rank: this rank.
+        exchange: where the members report their part, one namespace per checkpoint (the same on every
+            member); ``None``: a single process, nothing to report.
         pointer: the pointer file name to update after the commit (``None``: none).
         after_commit: work to run once committed remotely (rotation); committing rank only.
         stats: the save's :class:`~lightning_ckpt.stats.SaveStats`, given this rank's upload time and bytes.
@@ -78,13 +77,16 @@ class UploadJob:
     files: Sequence[str]
     commit: bool
     members: Sequence[int] = (0,)
-    store: Any = None
-    key: str = ""
-    rank: int = 0
+    exchange: Exchange | None = None
     pointer: str | None = None
     after_commit: Callable[[], None] | None = None
     stats: SaveStats | None = None
     on_uploaded: Callable[[SaveStats, bool], None] | None = None
+
+    @property
+    def rank(self) -> int:
+        """This rank (0 without an exchange)."""
+        return self.exchange.rank if self.exchange is not None else 0
 
 
 class Uploader:
@@ -191,6 +193,9 @@ class Uploader:
             log.error("Upload of checkpoint %s failed: %s: %s", job.name, type(err).__name__, err)
             raise
 
+    def _retry(self, action: Callable[[], None], what: str) -> None:
+        with_retries(action, what=what, policy=self.policy)
+
     def _remote(self, job: UploadJob, name: str) -> str:
         return self.storage.join(self.remote_folder, job.name, name)
 
@@ -212,13 +217,11 @@ class Uploader:
         log.debug("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6, elapsed)
 
     def _exchange(self, job: UploadJob) -> Exchange:
-        """Where the members of ``job`` report: its store, under its key (the same on every member).
-
-        Only :meth:`~Exchange.report` and :meth:`~Exchange.await_reports` run on it (no collective: this is the
-        upload thread), so its world size is just large enough to hold every member's rank.
-        """
-        prefix = job.key.removeprefix("lightning_ckpt/")  # the plugin passes the full key; Exchange adds the root
-        return Exchange(job.store, job.rank, max(job.members, default=0) + 1, prefix, self.upload_timeout_s)
+        """Where the members of ``job`` report (only :meth:`~Exchange.report` / :meth:`~Exchange.await_reports`,
+        never a collective: this is the background thread); alone when the job has none."""
+        if job.exchange is None:
+            return Exchange(None, 0, 1, prefix="upload", timeout_s=self.upload_timeout_s)
+        return job.exchange.with_timeout(self.upload_timeout_s)  # the uploader's bound: upload_timeout_in_seconds
 
     def _await_members(self, job: UploadJob) -> None:
         try:
@@ -233,15 +236,12 @@ class Uploader:
             raise UploadError(f"checkpoint {job.name}: upload failed on rank(s) {sorted(failed)}: {failed}")
 
     def _commit(self, job: UploadJob) -> None:
-        manifest = os.path.join(job.local_dir, layout.MANIFEST_FILENAME)
-        with open(manifest, "rb") as f:
+        with open(os.path.join(job.local_dir, layout.MANIFEST_FILENAME), "rb") as f:
             data = f.read()
-        target = self._remote(job, layout.MANIFEST_FILENAME)
-        with_retries(lambda: self.storage.fs.pipe_file(target, data), what=f"upload of {target}", policy=self.policy)
+        commit = ManifestLastCommit(self.storage, retry=self._retry)
+        commit.write_manifest(self.storage.join(self.remote_folder, job.name), data)
         if job.pointer is not None:
-            pointer = self.storage.join(self.remote_folder, layout.pointer_filename(job.pointer))
-            with_retries(lambda: self.storage.fs.pipe_file(pointer, job.name.encode()), what=f"upload of {pointer}",
-                         policy=self.policy)  # fmt: skip
+            commit.point_latest(self.remote_folder, job.name, job.pointer)
         with self._lock:
             self.committed.append(job.name)
         log.debug("Committed checkpoint %s in %s", job.name, self.storage.url(self.remote_folder))

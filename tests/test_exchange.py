@@ -99,8 +99,9 @@ def _local_checkpoint(tmp_path: Path) -> tuple[str, list[str]]:
 
 def _job(local: str, files: list[str], rank: int, store: HashStore) -> UploadJob:
     """Rank ``rank``'s part of checkpoint ``ba1`` of a 2-rank writer group; rank 0 commits it remotely."""
-    return UploadJob(local_dir=local, name="ba1", files=files, commit=rank == 0, members=(0, 1), store=store,
-                     key="lightning_ckpt/test/upload0", rank=rank, pointer="latest")  # fmt: skip
+    exchange = Exchange(store, rank, 2, prefix="test/upload0", timeout_s=30)
+    return UploadJob(local_dir=local, name="ba1", files=files, commit=rank == 0, members=(0, 1), exchange=exchange,
+                     pointer="latest")  # fmt: skip
 
 
 @pytest.fixture

@@ -22,9 +22,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO, TargetExistsError, read_checkpoint
-from lightning_ckpt.commit import STALE_AFTER_S
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
 from lightning_ckpt.errors import ConfigError, CorruptCheckpointError
+from lightning_ckpt.stale import STALE_AFTER_S
 
 ROOT = Path(__file__).resolve().parents[1]
 

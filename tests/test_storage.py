@@ -1,9 +1,8 @@
-"""Object storage: one contract suite over local disk, memory:// and a real S3 server; uploads, resume, faults."""
+"""Object storage end to end: saves on every backend of tests/test_storage_contract.py; uploads, resume, faults."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +16,12 @@ from lightning_ckpt.collective import save_checkpoint_dir
 from lightning_ckpt.demo import TinyRegressor, build_trainer, state_of
 from lightning_ckpt.plugin import ShardedCheckpointIO as _IO
 
+from . import test_storage_contract as contract
 from .s3_server import FaultProxy, S3Bucket
 
+backend = contract.backend  # the contract suite's backends: local, memory://, S3, GCS
+
 FAST_RETRY = RetryPolicy(attempts=4, initial_backoff_s=0.05, max_backoff_s=0.2)
-
-
-@pytest.fixture(params=["local", "memory", "s3", "gcs"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """A folder URL and its storage_options, for each storage the contract runs against."""
-    if request.param == "local":
-        yield str(tmp_path / "folder"), {}
-    elif request.param == "memory":
-        yield f"memory://contract-{os.getpid()}-{id(request)}", {}
-    else:
-        bucket = request.getfixturevalue(f"{request.param}_bucket")
-        yield f"{bucket.url}/run", bucket.storage_options
 
 
 def _ckpt(step: int) -> dict[str, Any]:

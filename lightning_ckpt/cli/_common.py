@@ -20,7 +20,8 @@ from lightning_ckpt import layout
 from lightning_ckpt.commit import read_pointer
 from lightning_ckpt.discovery import resolve
 from lightning_ckpt.errors import CheckpointError, ConfigError
-from lightning_ckpt.storage import Storage, check_storage_options
+from lightning_ckpt.locations import check_storage_options
+from lightning_ckpt.storage import Storage
 
 __all__ = [
     "PROG",
@@ -158,6 +159,6 @@ def latest_name(storage: Storage, folder: str) -> str | None:
     if storage.isfile(pointer):
         return read_pointer(storage, pointer)
     link = storage.join(folder, layout.DEFAULT_LATEST_FILENAME)
-    if storage.is_local and os.path.islink(link):
+    if storage.islink(link):
         return os.path.basename(os.readlink(link).rstrip("/"))
     return None

@@ -11,12 +11,14 @@ from typing import IO, Any, cast
 
 import torch
 
+from lightning_ckpt import layout
 from lightning_ckpt.cli._common import human_size, progress, resolve_dir
 from lightning_ckpt.cli.cp import copy_checkpoint
 from lightning_ckpt.cli.verify import verify_checkpoint
 from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.localfs import fsync_dir
 from lightning_ckpt.reader import load_checkpoint_dir, read_manifest
-from lightning_ckpt.storage import Storage, fsync_dir
+from lightning_ckpt.storage import Storage
 
 __all__ = ["cmd_consolidate", "consolidate"]
 
@@ -25,7 +27,7 @@ def _save_atomic(obj: Any, out: str, total: int) -> None:
     """``torch.save`` into a temporary file next to ``out``, fsync, then rename onto ``out``."""
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=layout.temp_prefix(os.path.basename(out)), dir=directory)
     try:
         with os.fdopen(fd, "wb") as f, progress(total, "write") as bar:
             torch.save(obj, cast(IO[bytes], _CountingWriter(f, bar.update)))

@@ -48,14 +48,8 @@ def _copy_stream(src: IO[bytes], dst: IO[bytes], entry: FileEntry, url: str, bar
 
 @contextmanager
 def _open_dst(storage: Storage, path: str) -> Iterator[IO[bytes]]:
-    if not storage.is_local:
-        with storage.open_write(path) as stream:
-            yield stream
-        return
-    with open(path, "wb") as stream:
+    with storage.open_write(path) as stream:  # durable once closed (fsynced locally)
         yield stream
-        stream.flush()
-        os.fsync(stream.fileno())
 
 
 def _split_dst(dst: str, src_name: str) -> tuple[str, str]:

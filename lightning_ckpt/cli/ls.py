@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -67,7 +66,7 @@ def _uncommitted_rows(storage: Storage, folder: str, committed: set[str], latest
         path = storage.join(folder, name)
         if name in committed or name.endswith(layout.POINTER_SUFFIX) or not storage.isdir(path):
             continue
-        if storage.is_local and os.path.islink(path):
+        if storage.islink(path):
             continue
         if layout.is_hidden_name(name):
             if layout.is_partial_dirname(name):
