@@ -2,14 +2,16 @@
 
 Call sequence (every rank, on the training thread, inside :func:`lightning_ckpt.collective.prepare_save`):
 
-1. (all ranks) split the checkpoint dict, look for what cannot be saved (a distributed tensor, a
-   step that is not an int), build the local plan (:func:`lightning_ckpt.plan.local_plan`).
+1. (all ranks) split the checkpoint dict, look for what cannot be saved (a step that is not an int,
+   a ``Partial`` DTensor), build the local plan (:func:`lightning_ckpt.plan.local_plan`, plus one
+   ``sharded`` row per chunk of a ``DTensor``/``ShardedTensor`` this rank holds).
 2. (all ranks) barrier ``plan``: each rank posts its target, pointer, peers, plan digest and
    problem. Every rank sees every post, so every rank computes every writer group (same target,
    same storage) and takes the same decisions below.
 3. A problem on any rank raises :class:`~lightning_ckpt.errors.PlanError` on every rank (the rank
    that found it raises its own error, with its type).
-4. (all ranks, only when some group's digests differ) barrier ``layout`` with the full plans;
+4. (all ranks, only when some group's digests differ, as they always do with sharded state)
+   barrier ``layout`` with the full plans;
    :func:`lightning_ckpt.plan.resolve` on every group, on every rank: the same plan or the same
    refusal everywhere.
 5. (all ranks, only with ``verify_replicas``) barrier ``replicas`` with a CRC32 of every
@@ -39,6 +41,8 @@ import torch
 from lightning_ckpt.checksum import crc32
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import ConfigError, PlanError
+from lightning_ckpt.layout import chunk_key
+from lightning_ckpt.manifest import ChunkOf
 from lightning_ckpt.plan import (
     Placement,
     ReplicatedTest,
@@ -48,9 +52,10 @@ from lightning_ckpt.plan import (
     local_plan,
     paused_gc,
     resolve,
+    sharded_row,
     specs_of,
 )
-from lightning_ckpt.sharded import find_distributed_tensor
+from lightning_ckpt.sharded import LocalChunk, global_shape, is_distributed, local_chunks
 from lightning_ckpt.tree import split_tensors
 
 __all__ = ["AgreedPlan", "agree_on_plan", "progress_info"]
@@ -65,9 +70,10 @@ class AgreedPlan:
         pointer: whether this rank's group moves the ``latest`` pointer (lowest group sharing its name).
         specs: the group's plan (placement of every tensor).
         mine: the keys this rank writes.
-        tensors: this rank's tensors by key.
+        tensors: this rank's tensors by key (for sharded state: each chunk it holds, by the chunk's key).
         skeleton: this rank's checkpoint dict with tensors replaced by markers.
         info: ``epoch``, ``global_step`` and ``weights_only`` of this rank's dict.
+        chunks: which of ``tensors`` are chunks of a sharded tensor, and where in it.
     """
 
     group: list[int]
@@ -77,6 +83,7 @@ class AgreedPlan:
     tensors: dict[str, torch.Tensor]
     skeleton: Any
     info: dict[str, Any]
+    chunks: dict[str, ChunkOf]
 
 
 def progress_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -108,23 +115,35 @@ def progress_info(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return info
 
 
-def _local_part(
-    checkpoint: Mapping[str, Any], replicated: ReplicatedTest | None
-) -> tuple[Any, dict[str, torch.Tensor], list[list[Any]], dict[str, Any]]:
-    with paused_gc():  # a split of 100,000 tensors builds that many markers: no collector passes meanwhile
-        skeleton, tensors = split_tensors(dict(checkpoint))
-        found = find_distributed_tensor(skeleton)
-    if found is not None:
-        key, kind = found
-        raise PlanError(
-            f"{key!r} is a {kind} (sharded state), which this version of lightning-ckpt cannot save: pickled,"
-            " it would keep only one rank's shards. Nothing was written. Under FSDPStrategy or"
-            " ModelParallelStrategy keep Lightning's own checkpointing (ModelCheckpoint without"
-            " ShardedCheckpointIO) until sharded support lands, or train with strategy='ddp'"
-        )
-    with paused_gc():
-        rows = local_plan(tensors, replicated)
-    return skeleton, tensors, rows, progress_info(checkpoint)
+class _LocalPart:
+    """This rank's split checkpoint and its plan rows."""
+
+    def __init__(self, checkpoint: Mapping[str, Any], replicated: ReplicatedTest | None) -> None:
+        distributed: dict[str, Any] = {}
+        with paused_gc():  # a split of 100,000 tensors builds that many markers: no collector passes meanwhile
+            self.skeleton, self.tensors = split_tensors(
+                dict(checkpoint), is_distributed=is_distributed, distributed=distributed
+            )
+            self.rows = local_plan(self.tensors, replicated)
+        self.chunks: dict[str, ChunkOf] = {}
+        for key, value in distributed.items():
+            self._add_chunks(key, value)
+        self.info = progress_info(checkpoint)
+
+    def _add_chunks(self, key: str, value: Any) -> None:
+        shape = global_shape(value)
+        chunks = local_chunks(key, value)
+        if not chunks and not all(shape):  # an empty tensor: one empty whole piece, so the key exists
+            chunks = [LocalChunk(tuple(0 for _ in shape), torch.empty(shape, dtype=value.dtype))]
+        for offsets, chunk in chunks:
+            whole = tuple(chunk.shape) == shape
+            piece = key if whole else chunk_key(key, offsets)
+            if piece in self.tensors:
+                raise PlanError(f"{piece!r} names both a tensor and a chunk of {key!r}; nothing was written")
+            self.tensors[piece] = chunk
+            self.rows.append(sharded_row(piece, key, offsets, shape, chunk))
+            if not whole:
+                self.chunks[piece] = ChunkOf(key, shape, tuple(offsets))
 
 
 def agree_on_plan(
@@ -143,21 +162,20 @@ def agree_on_plan(
     ``precheck`` runs first on each rank (e.g. whether its target may be replaced); its error too is
     raised on every rank."""
     error: Exception | None = None
-    skeleton: Any = None
-    tensors: dict[str, torch.Tensor] = {}
-    rows: list[list[Any]] = []
-    info: dict[str, Any] = {}
+    part: _LocalPart | None = None
     try:
         if precheck is not None:
             precheck()
-        skeleton, tensors, rows, info = _local_part(checkpoint, replicated)
+        part = _LocalPart(checkpoint, replicated)
     except Exception as err:  # refused on every rank below
         error = err
+    rows = part.rows if part is not None else []
     problem = f"{type(error).__name__}: {error}" if error is not None else None
     posts = exchange.barrier("plan", payload=[target, pointer, sorted(peers), digest(rows), problem])
     rank = exchange.rank
     if error is not None:
         raise error
+    assert part is not None
     refused = [(r, p[4]) for r, p in sorted(posts.items()) if p[4]]
     if refused:
         raise PlanError(f"rank {refused[0][0]} cannot save its part of the checkpoint: {refused[0][1]}")
@@ -167,11 +185,12 @@ def agree_on_plan(
     group = groups[rank]
     specs = specs_by_group[tuple(group)]
     if verify_replicas:
-        _verify_replicas(exchange, groups, tensors, specs_by_group)
+        _verify_replicas(exchange, groups, part.tensors, specs_by_group)
     same_pointer = [r for r in sorted(peers) if r in posts and posts[r][1] == pointer] or [rank]
     with paused_gc():
         mine = assign(specs, len(group))[group.index(rank)]
-    return AgreedPlan(group, group[0] == min(same_pointer), specs, mine, tensors, skeleton, info)
+    pointer_group = group[0] == min(same_pointer)
+    return AgreedPlan(group, pointer_group, specs, mine, part.tensors, part.skeleton, part.info, part.chunks)
 
 
 def _groups(posts: Mapping[int, Sequence[Any]]) -> dict[int, list[int]]:
@@ -187,7 +206,7 @@ def _agreed_specs(
 ) -> dict[tuple[int, ...], list[TensorSpec]]:
     distinct = {tuple(g) for g in groups.values()}
     disagree = [g for g in sorted(distinct) if len({posts[r][3] for r in g}) > 1]
-    specs = {g: specs_of(rows) for g in distinct if g not in disagree and exchange.rank in g}
+    specs = {g: specs_of(rows, len(g)) for g in distinct if g not in disagree and exchange.rank in g}
     if not disagree:
         return specs
     plans = exchange.barrier("layout", payload=rows)

@@ -21,8 +21,8 @@ from typing import Any
 
 from lightning_ckpt.checkpoint import library_versions
 from lightning_ckpt.errors import PlanError
-from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
-from lightning_ckpt.plan import paused_gc
+from lightning_ckpt.manifest import ChunkOf, FileEntry, Manifest, TensorEntry
+from lightning_ckpt.plan import coverage_problem, paused_gc
 
 __all__ = ["assemble_manifest", "entry_rows"]
 
@@ -37,15 +37,29 @@ def entry_rows(files: Sequence[FileEntry], tensors: Sequence[TensorEntry]) -> di
     with paused_gc():
         return {
             "files": [[f.name, f.size, f.checksum, f.rank] for f in files],
-            "tensors": [[t.key, t.dtype, list(t.shape), t.file, t.offset, t.nbytes, t.device] for t in tensors],
+            "tensors": [
+                [t.key, t.dtype, list(t.shape), t.file, t.offset, t.nbytes, t.device, t.crc32, _chunk_row(t.chunk_of)]
+                for t in tensors
+            ],
         }
+
+
+def _chunk_row(chunk: ChunkOf | None) -> list[Any] | None:
+    return None if chunk is None else [chunk.tensor, list(chunk.shape), list(chunk.offsets)]
+
+
+def _chunk_of(row: list[Any] | None) -> ChunkOf | None:
+    return None if row is None else ChunkOf(row[0], tuple(row[1]), tuple(row[2]))
 
 
 def _entries(rows: Mapping[str, Any]) -> tuple[list[FileEntry], list[TensorEntry]]:
     """A rank's file and tensor entries from its :func:`entry_rows`."""
     with paused_gc():
         files = [FileEntry(*row) for row in rows["files"]]
-        tensors = [TensorEntry(k, dt, tuple(shape), f, off, n, dev) for k, dt, shape, f, off, n, dev in rows["tensors"]]
+        tensors = [
+            TensorEntry(k, dt, tuple(shape), f, off, n, dev, crc, _chunk_of(chunk))
+            for k, dt, shape, f, off, n, dev, crc, chunk in rows["tensors"]
+        ]
     return files, tensors
 
 
@@ -81,7 +95,7 @@ def assemble_manifest(
         missing, extra = sorted(keys - set(tensors)), sorted(set(tensors) - keys)
         raise PlanError(f"the ranks wrote a different set of tensors than planned (missing {missing[:3]},"
                         f" unexpected {extra[:3]}); nothing was committed")  # fmt: skip
-    return Manifest(
+    manifest = Manifest(
         name=name,
         epoch=info["epoch"],
         global_step=info["global_step"],
@@ -92,3 +106,15 @@ def assemble_manifest(
         versions=library_versions(),
         metadata={**dict(metadata or {}), "writer_ranks": list(group)},
     )
+    _check_coverage(manifest)
+    return manifest
+
+
+def _check_coverage(manifest: Manifest) -> None:
+    """Refuse to commit a sharded tensor whose written chunks do not hold each element exactly once."""
+    for tensor in manifest.logical_tensors().values():
+        if len(tensor.pieces) == 1 and tensor.pieces[0].chunk_of is None:
+            continue
+        problem = coverage_problem(tensor.shape, [(p.offsets, p.shape) for p in tensor.pieces])
+        if problem:
+            raise PlanError(f"tensor {tensor.key!r} as written: {problem}; nothing was committed")

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import io
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from typing import Any
 
 import torch
 
 from lightning_ckpt import _faults, layout
-from lightning_ckpt.manifest import FileEntry, TensorEntry
+from lightning_ckpt.manifest import ChunkOf, FileEntry, TensorEntry
 from lightning_ckpt.plan import paused_gc
 from lightning_ckpt.staging import StagedShard, StagingBuffer
 from lightning_ckpt.storage import Storage
@@ -72,7 +72,12 @@ class PreparedShard:
 
 
 def prepare_shard(
-    tensors: Mapping[str, torch.Tensor], *, index: int, count: int, staging: StagingBuffer | None = None
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    index: int,
+    count: int,
+    staging: StagingBuffer | None = None,
+    chunks: Mapping[str, ChunkOf] | None = None,
 ) -> PreparedShard:
     """Lay out one shard of ``tensors``; with ``staging``, copy them into it (the point-in-time snapshot).
 
@@ -84,7 +89,7 @@ def prepare_shard(
         devices = {k: str(t.device) for k, t in tensors.items()}
         if staging is None:
             tensors = {k: (t if t.device.type == "cpu" else t.to("cpu")) for k, t in tensors.items()}
-        plan = plan_shard(tensors, file=name, devices=devices)
+        plan = plan_shard(tensors, file=name, devices=devices, chunks=chunks)
     staged = staging.stage(plan) if staging is not None else None
     return PreparedShard(plan=staged.plan if staged else plan, staged=staged, devices=devices)
 
@@ -99,13 +104,11 @@ def write_prepared_shard(
         shard.staged.ready()
         image = shard.staged.padded
     if storage.is_local:
-        entry = write_shard_local(path, shard.plan, rank=rank, image=image, direct_io=direct_io)
+        written = write_shard_local(path, shard.plan, rank=rank, image=image, direct_io=direct_io)
     else:
         with storage.open_write(path) as stream:
-            entry = write_shard_stream(stream, shard.plan, rank=rank, image=image)
-    devices = shard.devices
-    entries = [e if e.device == devices[e.key] else replace(e, device=devices[e.key]) for e in shard.plan.entries]
-    return entry, entries
+            written = write_shard_stream(stream, shard.plan, rank=rank, image=image)
+    return written.file, written.entries
 
 
 def pickle_objects(skeleton: Any) -> bytes:

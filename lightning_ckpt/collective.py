@@ -209,7 +209,7 @@ def prepare_save(
     try:
         tensors = agreed.tensors
         prepared.shard = prepare_shard({k: tensors[k] for k in agreed.mine}, index=index, count=len(group),
-                                       staging=staging)  # fmt: skip
+                                       staging=staging, chunks=agreed.chunks)  # fmt: skip
         if index == 0:
             prepared.objects = pickle_objects(agreed.skeleton)
     except Exception as err:  # reported to every rank at the "written" barrier

@@ -13,7 +13,7 @@ Example:
     >>> file = DirectFile(path, direct=True)  # buffered where the filesystem refuses O_DIRECT
     >>> checksum = write_bounced(file, [torch.arange(3, dtype=torch.uint8)])
     >>> file.finish(3)
-    >>> open(path, "rb").read() == bytes([0, 1, 2]), checksum == checksum_string(crc32(bytes([0, 1, 2])))
+    >>> open(path, "rb").read() == bytes([0, 1, 2]), checksum.value == checksum_string(crc32(bytes([0, 1, 2])))
     (True, True)
 """
 
@@ -23,12 +23,12 @@ import errno
 import fcntl
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from lightning_ckpt.checksum import checksum_string, crc32
+from lightning_ckpt.checksum import checksum_string, crc32, crc32_combine
 from lightning_ckpt.plan import paused_gc
 
 __all__ = [
@@ -62,33 +62,84 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class RunningChecksum:
-    """CRC32 chained over blocks in file order, computed on one helper thread (it releases the GIL)."""
+    """CRC32 over blocks in file order, computed on one helper thread (it releases the GIL).
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
+    With ``segments`` (the byte lengths of consecutive parts of the file: the header, then each
+    tensor or chunk) it keeps one CRC32 per segment, each starting from zero, and the file's CRC is
+    combined from them (:func:`~lightning_ckpt.checksum.crc32_combine`): no second pass over the bytes.
+    Blocks may start and end anywhere; a block that spans segments is split at their boundaries.
+
+    Example:
+        >>> from concurrent.futures import ThreadPoolExecutor
+        >>> with ThreadPoolExecutor(1) as pool:
+        ...     checksum = RunningChecksum(pool, segments=[2, 0, 3])
+        ...     checksum.add(memoryview(b"abc")).result(); checksum.add(memoryview(b"de")).result()
+        >>> checksum.value == checksum_string(crc32(b"abcde"))
+        True
+        >>> checksum.segment_crcs == [crc32(b"ab"), 0, crc32(b"cde")]
+        True
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, segments: Sequence[int] | None = None) -> None:
         self._pool, self._crc = pool, 0
+        self._segments = list(segments) if segments is not None else None
+        self._crcs: list[int] = []
+        self._left = self._segments[0] if self._segments else 0
+        self._segment_crc = 0
 
     def _update(self, view: memoryview) -> None:
-        self._crc = crc32(view, self._crc)
+        if self._segments is None:
+            self._crc = crc32(view, self._crc)
+            return
+        position, length, segments, crcs = 0, len(view), self._segments, self._crcs
+        while position < length:
+            while self._left == 0 and len(crcs) < len(segments) - 1:  # finished or empty segments
+                crcs.append(self._segment_crc)
+                self._segment_crc, self._left = 0, segments[len(crcs)]
+            taken = min(self._left, length - position)
+            if taken == 0:
+                raise ValueError(f"{length - position} bytes beyond the {sum(segments)} bytes of the segments")
+            self._segment_crc = crc32(view[position : position + taken], self._segment_crc)
+            self._left -= taken
+            position += taken
 
     def add(self, view: memoryview) -> Future[None]:
         return self._pool.submit(self._update, view)  # one worker: blocks are chained in submission order
 
     @property
+    def segment_crcs(self) -> list[int]:
+        """The CRC32 of every segment, in order (call once every block has been added and processed)."""
+        if self._segments is None:
+            return []
+        crcs = list(self._crcs)
+        if len(crcs) < len(self._segments):
+            crcs.append(self._segment_crc)
+        return crcs + [0] * (len(self._segments) - len(crcs))
+
+    @property
     def value(self) -> str:
-        return checksum_string(self._crc)
+        """The file's checksum string."""
+        if self._segments is None:
+            return checksum_string(self._crc)
+        crc = 0
+        for size, segment_crc in zip(self._segments, self.segment_crcs, strict=True):
+            crc = crc32_combine(crc, segment_crc, size)
+        return checksum_string(crc)
 
 
-def write_with_checksum(chunks: Iterator[memoryview], write: Callable[[memoryview], None]) -> str:
-    """Write every chunk in order while the checksum thread chains the CRC32 over the same chunks."""
+def write_with_checksum(
+    chunks: Iterator[memoryview], write: Callable[[memoryview], None], segments: Sequence[int] | None = None
+) -> RunningChecksum:
+    """Write every chunk in order while the checksum thread computes the CRC32 over the same chunks."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as pool:
-        checksum = RunningChecksum(pool)
+        checksum = RunningChecksum(pool, segments)
         pending = []
         for chunk in chunks:
             pending.append(checksum.add(chunk))
             write(chunk)
         for future in pending:
             future.result()
-    return checksum.value
+    return checksum
 
 
 class DirectFile:
@@ -168,19 +219,24 @@ class _BouncePool:
 _BOUNCE = _BouncePool()
 
 
-def write_blocks(file: DirectFile, blocks: Iterator[tuple[memoryview, memoryview, int]], workers: int) -> str:
+def write_blocks(
+    file: DirectFile,
+    blocks: Iterator[tuple[memoryview, memoryview, int]],
+    workers: int,
+    segments: Sequence[int] | None = None,
+) -> RunningChecksum:
     """Write ``(write_view, exact_view, offset)`` blocks with ``workers`` threads, checksumming ``exact_view``."""
     with (
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lightning_ckpt-write") as writers,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as crc_pool,
     ):
-        checksum = RunningChecksum(crc_pool)
+        checksum = RunningChecksum(crc_pool, segments)
         pending: list[Future[None]] = []
         for write_view, exact_view, offset in blocks:
             pending += [writers.submit(file.pwrite, write_view, offset), checksum.add(exact_view)]
         for future in pending:
             future.result()
-    return checksum.value
+    return checksum
 
 
 def image_blocks(image: torch.Tensor, size: int, direct: bool) -> Iterator[tuple[memoryview, memoryview, int]]:
@@ -204,7 +260,9 @@ def _fill(block: torch.Tensor, pieces: list[torch.Tensor], size: int) -> None:
         torch.cat(pieces, out=block[:size])
 
 
-def write_bounced(file: DirectFile, sources: Iterable[torch.Tensor]) -> str:
+def write_bounced(
+    file: DirectFile, sources: Iterable[torch.Tensor], segments: Sequence[int] | None = None
+) -> RunningChecksum:
     """Pack ``sources`` (flat ``uint8`` tensors, in file order) into a ring of aligned blocks; write each block.
 
     The calling thread copies (memory speed); writer threads and the checksum thread drain the ring.
@@ -217,7 +275,7 @@ def write_bounced(file: DirectFile, sources: Iterable[torch.Tensor]) -> str:
             ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="lightning_ckpt-write") as writers,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-crc") as crc_pool,
         ):
-            checksum = RunningChecksum(crc_pool)
+            checksum = RunningChecksum(crc_pool, segments)
             busy: list[list[Future[None]]] = [[] for _ in blocks]
             index, filled, offset = 0, 0, 0
             block = blocks[0]
@@ -249,4 +307,4 @@ def write_bounced(file: DirectFile, sources: Iterable[torch.Tensor]) -> str:
     finally:
         for block in blocks:
             _BOUNCE.give(block)
-    return checksum.value
+    return checksum

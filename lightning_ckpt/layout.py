@@ -66,7 +66,9 @@ __all__ = [
     "NameFormat",
     "Progress",
     "RankInfo",
+    "READABLE_FORMAT_VERSIONS",
     "cache_lock_filename",
+    "chunk_key",
     "cache_path",
     "dist_values",
     "is_hidden_name",
@@ -85,7 +87,8 @@ __all__ = [
     "trash_dirname",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # v1 (0.1.x: one whole tensor per entry) is read forever
 MANIFEST_FILENAME = "manifest.json"
 OBJECTS_FILENAME = "objects.pt"
 SHARD_SUFFIX = ".safetensors"
@@ -112,6 +115,16 @@ def _check_token(token: str) -> str:
 
 def _hidden(kind: str, name: str, token: str, example: str) -> str:
     return _hidden_prefix(kind, name, example) + _check_token(token)
+
+
+def chunk_key(key: str, offsets: tuple[int, ...] | list[int]) -> str:
+    """The name of one chunk of a sharded tensor in a shard file: its key and global offsets.
+
+    Example:
+        >>> chunk_key("state_dict/w", (32, 0))
+        'state_dict/w@32,0'
+    """
+    return f"{key}@{','.join(map(str, offsets))}"
 
 
 def shard_filename(index: int, count: int) -> str:

@@ -5,6 +5,14 @@ size. File names in a manifest are plain names inside the checkpoint directory; 
 (``../x``, ``/etc/passwd``, ``a/b``) is rejected as corrupt, so a manifest can never make a
 reader touch a file outside its checkpoint.
 
+Format version 2 lists, per tensor, its global ``shape`` and ``chunks``: each chunk's ``offsets``
+and ``sizes`` in the tensor, and where its raw bytes are (``file``, ``byte_offset``, ``nbytes``)
+with their own ``crc32``, so a reader can fetch and verify just the range it needs. A whole tensor
+is one chunk. Version 1 (one ``file``/``offset``/``nbytes`` per tensor, no chunk CRC) is read
+forever. In memory, :attr:`Manifest.tensors` holds one :class:`TensorEntry` per *stored piece*
+(a whole tensor, or one chunk of a sharded one, keyed ``key@offsets``), the unit that is read,
+mapped and verified; :meth:`Manifest.logical_tensors` groups the pieces per tensor.
+
 Example:
     >>> m = Manifest(name="ep0-ba4", epoch=0, global_step=4, world_size=1,
     ...              files=[FileEntry("objects.pt", 10, "crc32:0000abcd", 0)], tensors={})
@@ -23,9 +31,9 @@ from typing import Any
 
 from lightning_ckpt import layout
 from lightning_ckpt.errors import CorruptCheckpointError, NewerFormatError
-from lightning_ckpt.plan import paused_gc
+from lightning_ckpt.plan import coverage_problem, paused_gc
 
-__all__ = ["FileEntry", "Manifest", "TensorEntry"]
+__all__ = ["ChunkOf", "FileEntry", "LogicalTensor", "Manifest", "TensorEntry"]
 
 _ENTRY_ENCODER = json.JSONEncoder(sort_keys=True, separators=(", ", ": "))
 _quote: Callable[[str], str] = json.encoder.encode_basestring_ascii  # json.dumps of a str, as the encoder writes it
@@ -36,26 +44,61 @@ def _json_lines(lines: list[str]) -> str:
     return "[\n  " + ",\n  ".join(lines) + "\n ]" if lines else "[]"
 
 
-def _entry_json(entry: FileEntry | TensorEntry) -> str:
+def _entry_json(entry: FileEntry) -> str:
     return _ENTRY_ENCODER.encode(vars(entry))
 
 
-def _tensor_json(entry: TensorEntry) -> str:
-    """What :func:`_entry_json` writes for a tensor, formatted directly (3x faster: no encoder per entry)."""
-    ints = (entry.nbytes, entry.offset, *entry.shape)
-    if not _TENSOR_FIELDS_KNOWN or not all(type(n) is int for n in ints):  # a new field, a bool: the encoder
-        return _entry_json(entry)
-    shape = ", ".join(map(str, entry.shape))
+def _chunk_json(entry: TensorEntry) -> str:
+    """One chunk of the v2 ``chunks`` list, formatted directly (no encoder per entry: 100,000 tensors)."""
+    chunk = entry.chunk_of
+    offsets = ", ".join(map(str, chunk.offsets if chunk else (0,) * len(entry.shape)))
+    sizes = ", ".join(map(str, entry.shape))
+    crc = "null" if entry.crc32 is None else _quote(entry.crc32)
     return (
-        f'{{"device": {_quote(entry.device)}, "dtype": {_quote(entry.dtype)}, "file": {_quote(entry.file)},'
-        f' "key": {_quote(entry.key)}, "nbytes": {entry.nbytes}, "offset": {entry.offset}, "shape": [{shape}]}}'
+        f'{{"byte_offset": {entry.offset}, "crc32": {crc}, "file": {_quote(entry.file)},'
+        f' "nbytes": {entry.nbytes}, "offsets": [{offsets}], "sizes": [{sizes}]}}'
     )
+
+
+def _tensor_json(key: str, pieces: list[TensorEntry]) -> str:
+    """One tensor of the v2 ``tensors`` list: its global shape and the chunks that hold it."""
+    first = pieces[0]
+    shape = ", ".join(map(str, first.chunk_of.shape if first.chunk_of else first.shape))
+    chunks = ", ".join(_chunk_json(p) for p in pieces)
+    return (
+        f'{{"chunks": [{chunks}], "device": {_quote(first.device)}, "dtype": {_quote(first.dtype)},'
+        f' "key": {_quote(key)}, "shape": [{shape}]}}'
+    )
+
+
+def _piece_of(tensor: dict[str, Any], chunk: dict[str, Any], whole: bool) -> TensorEntry:
+    key, shape = tensor["key"], tuple(tensor["shape"])
+    sizes, offsets = tuple(chunk["sizes"]), tuple(chunk["offsets"])
+    chunk_of = None if whole else ChunkOf(key, shape, offsets)
+    return TensorEntry(
+        layout.chunk_key(key, offsets) if chunk_of else key, tensor["dtype"], sizes, chunk["file"],
+        chunk["byte_offset"], chunk["nbytes"], tensor.get("device", "cpu"), chunk.get("crc32"), chunk_of,
+    )  # fmt: skip
+
+
+def _pieces_v2(tensors: list[dict[str, Any]]) -> dict[str, TensorEntry]:
+    pieces: dict[str, TensorEntry] = {}
+    for tensor in tensors:
+        chunks = tensor["chunks"]
+        shape = list(tensor["shape"])
+        whole = len(chunks) == 1 and list(chunks[0]["sizes"]) == shape and not any(chunks[0]["offsets"])
+        for chunk in chunks:
+            piece = _piece_of(tensor, chunk, whole)
+            pieces[piece.key] = piece
+    return pieces
 
 
 def _entries_of(data: dict[str, Any]) -> tuple[list[FileEntry], dict[str, TensorEntry]]:
     """The file and tensor entries of a parsed manifest; fields this version does not know are ignored."""
     with paused_gc():  # one entry per tensor
         files = [FileEntry(f["name"], f["size"], f["checksum"], f["rank"]) for f in data["files"]]
+        if data["format_version"] >= 2:
+            return files, _pieces_v2(data["tensors"])
         tensors = {
             t["key"]: TensorEntry(t["key"], t["dtype"], tuple(t["shape"]), t["file"], t["offset"], t["nbytes"],
                                   t.get("device", "cpu"))
@@ -67,12 +110,12 @@ def _entries_of(data: dict[str, Any]) -> tuple[list[FileEntry], dict[str, Tensor
 def _check_version(version: object, source: str) -> None:
     """Refuse a ``format_version`` this reader cannot read: newer (upgrade) or not a known version (damaged)."""
     number = isinstance(version, (int, float)) and not isinstance(version, bool)
-    if number and version == layout.FORMAT_VERSION:
+    if number and version in layout.READABLE_FORMAT_VERSIONS:
         return
     if number and version > layout.FORMAT_VERSION:  # type: ignore[operator]
         raise NewerFormatError(
             f"{source}: format_version {version} was written by a newer lightning-ckpt; this version"
-            f" ({_own_version()}) reads format_version {layout.FORMAT_VERSION} only. Upgrade lightning-ckpt"
+            f" ({_own_version()}) reads format_version {layout.FORMAT_VERSION} and older. Upgrade lightning-ckpt"
             " (pip install -U lightning-ckpt) to read this checkpoint"
         )
     raise CorruptCheckpointError(
@@ -106,17 +149,35 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor's raw bytes are.
+class ChunkOf:
+    """Which part of a sharded tensor a stored piece holds.
 
     Attributes:
-        key: the tensor's key (its path in the checkpoint dict, see :mod:`lightning_ckpt.tree`).
+        tensor: the tensor's key in the checkpoint dict.
+        shape: the tensor's global shape.
+        offsets: where the chunk starts in the tensor, per dimension (its sizes are the piece's shape).
+    """
+
+    tensor: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one stored piece's raw bytes are: a whole tensor, or one chunk of a sharded tensor.
+
+    Attributes:
+        key: the tensor's key (its path in the checkpoint dict, see :mod:`lightning_ckpt.tree`); for
+            a chunk, the key and its offsets (:func:`lightning_ckpt.layout.chunk_key`).
         dtype: the torch dtype name, e.g. ``"float32"``.
-        shape: the shape.
+        shape: the piece's shape (a chunk's sizes).
         file: the shard file that holds it.
         offset: byte offset of its first byte in ``file``.
         nbytes: its length in bytes.
         device: the device it was saved from, e.g. ``"cpu"`` or ``"cuda:0"``.
+        crc32: ``"crc32:<8 hex digits>"`` of its bytes (format v2), ``None`` in a v1 checkpoint.
+        chunk_of: for a chunk of a sharded tensor, which tensor and where in it; ``None`` for a whole tensor.
     """
 
     key: str
@@ -126,11 +187,47 @@ class TensorEntry:
     offset: int
     nbytes: int
     device: str = "cpu"
+    crc32: str | None = None
+    chunk_of: ChunkOf | None = None
+
+    @property
+    def tensor_key(self) -> str:
+        """The key of the tensor this piece belongs to."""
+        return self.chunk_of.tensor if self.chunk_of is not None else self.key
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Where this piece starts in its tensor (all zeros for a whole tensor)."""
+        return self.chunk_of.offsets if self.chunk_of is not None else (0,) * len(self.shape)
+
+    @property
+    def tensor_shape(self) -> tuple[int, ...]:
+        """The global shape of the tensor this piece belongs to."""
+        return self.chunk_of.shape if self.chunk_of is not None else self.shape
 
 
-_TENSOR_FIELDS_KNOWN = [f.name for f in fields(TensorEntry)] == [
-    "key", "dtype", "shape", "file", "offset", "nbytes", "device"
-]  # fmt: skip  # what _tensor_json writes; any other field set goes through the JSON encoder
+@dataclass(frozen=True)
+class LogicalTensor:
+    """One tensor of a checkpoint and the stored pieces that hold it (one for a whole tensor).
+
+    Attributes:
+        key: the tensor's key in the checkpoint dict.
+        dtype: the torch dtype name.
+        shape: its global shape.
+        device: the device its first piece was saved from.
+        pieces: the stored pieces, each covering the elements it says (:class:`ChunkOf`).
+    """
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    device: str
+    pieces: tuple[TensorEntry, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its stored pieces (the tensor's size: chunks cover it exactly once)."""
+        return sum(p.nbytes for p in self.pieces)
 
 
 @dataclass
@@ -162,11 +259,38 @@ class Manifest:
                 return entry
         raise KeyError(name)
 
+    def _grouped(self) -> dict[str, list[TensorEntry]]:
+        """The pieces of each tensor, tensors in the order of their first piece."""
+        groups: dict[str, list[TensorEntry]] = {}
+        for piece in self.tensors.values():
+            chunk = piece.chunk_of
+            if chunk is None:
+                groups[piece.key] = [piece]
+            else:
+                groups.setdefault(chunk.tensor, []).append(piece)
+        return groups
+
+    def logical_tensors(self) -> dict[str, LogicalTensor]:
+        """Every tensor of the checkpoint with the pieces that hold it (chunks of a sharded tensor, grouped).
+
+        Example:
+            >>> piece = TensorEntry("w@2", "float32", (2,), "s.safetensors", 4096, 8, chunk_of=ChunkOf("w", (4,), (2,)))
+            >>> m = Manifest(name="a", epoch=0, global_step=1, world_size=1, files=[], tensors={piece.key: piece})
+            >>> t = m.logical_tensors()["w"]
+            >>> t.shape, [p.offsets for p in t.pieces]
+            ((4,), [(2,)])
+        """
+        return {
+            key: LogicalTensor(key, pieces[0].dtype, pieces[0].tensor_shape, pieces[0].device, tuple(pieces))
+            for key, pieces in self._grouped().items()
+        }
+
     def to_json(self) -> bytes:
         """The manifest as JSON: sorted keys, one line per file and per tensor.
 
         Built without :func:`dataclasses.asdict` (which deep-copies every field of every entry) and
-        with the C JSON encoder per entry: a 100,000-tensor manifest takes well under a second.
+        formatted directly per tensor: a 100,000-tensor manifest takes well under a second. Always
+        format version 2 (:data:`~lightning_ckpt.layout.FORMAT_VERSION`), whatever was read.
 
         Example:
             >>> m = Manifest(name="a", epoch=0, global_step=1, world_size=1, files=[], tensors={}, created=0.0)
@@ -178,11 +302,12 @@ class Manifest:
             if name in ("files", "tensors"):
                 with paused_gc():
                     if name == "tensors":
-                        text = _json_lines([_tensor_json(t) for t in self.tensors.values()])
+                        text = _json_lines([_tensor_json(key, pieces) for key, pieces in self._grouped().items()])
                     else:
                         text = _json_lines([_entry_json(f) for f in self.files])
             else:
-                text = json.dumps(getattr(self, name), indent=1, sort_keys=True).replace("\n", "\n ")
+                value = layout.FORMAT_VERSION if name == "format_version" else getattr(self, name)
+                text = json.dumps(value, indent=1, sort_keys=True).replace("\n", "\n ")
             lines.append(f" {json.dumps(name)}: {text}")
         return ("{\n" + ",\n".join(lines) + "\n}").encode()
 
@@ -224,6 +349,7 @@ class Manifest:
                 created=float(data.get("created", 0.0)),
                 versions=dict(data.get("versions", {})),
                 metadata=dict(data.get("metadata", {})),
+                format_version=int(data["format_version"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CorruptCheckpointError(f"{source}: missing or malformed field ({err!r})") from err
@@ -248,5 +374,9 @@ class Manifest:
                     f"{source}: tensor {tensor.key!r} lies outside {tensor.file!r}"
                     f" (bytes {tensor.offset}..{end}, file size {size})"
                 )
+        for logical in self.logical_tensors().values():
+            problem = coverage_problem(logical.shape, [(p.offsets, p.shape) for p in logical.pieces])
+            if problem:
+                raise CorruptCheckpointError(f"{source}: tensor {logical.key!r}: {problem}")
         if self.objects_file is not None and self.objects_file not in names:
             raise CorruptCheckpointError(f"{source}: objects file {self.objects_file!r} is not listed in files")

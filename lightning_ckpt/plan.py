@@ -10,13 +10,15 @@ placement       which tensors                                                   
                 every rank reports the key with the same dtype and shape
 ``rank0``       everything else: buffers (BatchNorm statistics), loop and        the group's leader (rank 0's
                 callback tensors, anything the plan cannot prove identical       copy, as stock Lightning)
+``sharded``     one chunk (global offsets and sizes) of a ``DTensor`` or         one rank holding it, balanced
+                ``ShardedTensor`` (FSDP, tensor parallel)                        by bytes; a replica once
 ==============  ===============================================================  ==============================
 
 ``rank0`` is the default, because it is always right: DDP re-broadcasts rank 0's buffers at the
 next forward and stock Lightning saves rank 0's copy, so only rank 0's values resume into the
-model that was trained. Sharded placements (``DTensor``, ``ShardedTensor``) are refused for now
-(:func:`lightning_ckpt.sharded.find_distributed_tensor`); they will add chunks (offsets and sizes)
-to a :class:`TensorSpec` rather than replace it.
+model that was trained. A sharded chunk held by several ranks (a ``Replicate`` mesh dimension, HSDP)
+is written once: ``DTensor`` guarantees its replicas are equal. Before anything is written, the
+chunks of each sharded tensor must cover it exactly once (:func:`coverage_problem`).
 
 How ranks agree (:mod:`lightning_ckpt.collective`): each rank builds its :func:`local_plan`
 (rows of key, dtype, shape, bytes and its placement *claim*) and posts its :func:`digest` in the
@@ -58,11 +60,13 @@ __all__ = [
     "ReplicatedTest",
     "TensorSpec",
     "assign",
+    "coverage_problem",
     "digest",
     "local_plan",
     "paused_gc",
     "replicated_test",
     "resolve",
+    "sharded_row",
 ]
 
 ReplicatedTest = Callable[[str, torch.Tensor], bool]
@@ -74,6 +78,7 @@ class Placement(str, enum.Enum):
 
     REPLICATED = "replicated"
     RANK0 = "rank0"
+    SHARDED = "sharded"
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ class TensorSpec:
         shape: the tensor's shape.
         nbytes: its size in bytes.
         placement: where its bytes come from.
+        tensor_key: for a ``sharded`` chunk, the key of its tensor (``key`` is the chunk's own key).
+        offsets: for a ``sharded`` chunk, where it starts in its tensor.
+        tensor_shape: for a ``sharded`` chunk, its tensor's global shape.
+        holders: for a ``sharded`` chunk, the group members (indices) that hold it.
     """
 
     key: str
@@ -93,6 +102,10 @@ class TensorSpec:
     shape: tuple[int, ...]
     nbytes: int
     placement: Placement
+    tensor_key: str | None = None
+    offsets: tuple[int, ...] = ()
+    tensor_shape: tuple[int, ...] = ()
+    holders: tuple[int, ...] = ()
 
 
 @contextlib.contextmanager
@@ -177,13 +190,34 @@ def digest(rows: Sequence[Sequence[Any]]) -> str:
     return hashlib.sha1(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def specs_of(rows: Sequence[Sequence[Any]]) -> list[TensorSpec]:
-    """The plan of a group whose ranks all posted these rows (claims are agreed)."""
+def sharded_row(
+    key: str, tensor_key: str, offsets: Sequence[int], shape: Sequence[int], chunk: torch.Tensor
+) -> list[Any]:
+    """The plan row of one chunk this rank holds: ``[key, dtype, sizes, nbytes, "sharded", tensor, offsets, shape]``.
+
+    Example:
+        >>> sharded_row("w@2", "w", [2], [4], torch.zeros(2))
+        ['w@2', 'float32', [2], 8, 'sharded', 'w', [2], [4]]
+    """
+    dtype, sharded = str(chunk.dtype).removeprefix("torch."), Placement.SHARDED.value
+    return [key, dtype, list(chunk.shape), chunk.nbytes, sharded, tensor_key, list(offsets), list(shape)]
+
+
+def _sharded_spec(row: Sequence[Any], holders: tuple[int, ...]) -> TensorSpec:
+    key, dtype, sizes, nbytes, _, tensor_key, offsets, shape = row
+    sharded = Placement.SHARDED
+    return TensorSpec(key, dtype, tuple(sizes), int(nbytes), sharded, tensor_key, tuple(offsets), tuple(shape), holders)
+
+
+def specs_of(rows: Sequence[Sequence[Any]], members: int = 1) -> list[TensorSpec]:
+    """The plan of a group whose ``members`` ranks all posted these rows (claims are agreed; each chunk held by all)."""
     placements = {p.value: p for p in Placement}
+    everyone = tuple(range(members))
     return [
-        TensorSpec(key, dtype, tuple(shape), int(nbytes), placements.get(claim) or Placement(claim))
-        for key, dtype, shape, nbytes, claim in rows
-    ]
+        _sharded_spec(row, everyone) if row[4] == Placement.SHARDED.value
+        else TensorSpec(row[0], row[1], tuple(row[2]), int(row[3]), placements.get(row[4]) or Placement(row[4]))
+        for row in rows
+    ]  # fmt: skip
 
 
 def resolve(plans: Mapping[int, Sequence[Sequence[Any]]], group: Sequence[int]) -> list[TensorSpec]:
@@ -206,7 +240,8 @@ def resolve(plans: Mapping[int, Sequence[Sequence[Any]]], group: Sequence[int]) 
         tensor 'w' is held by rank 1 but not by rank
     """
     leader = group[0]
-    by_rank = {rank: {row[0]: row for row in plans[rank]} for rank in group}
+    sharded = Placement.SHARDED.value
+    by_rank = {rank: {row[0]: row for row in plans[rank] if row[4] != sharded} for rank in group}
     for rank in group[1:]:
         extra = [key for key in by_rank[rank] if key not in by_rank[leader]]
         if extra:
@@ -217,7 +252,7 @@ def resolve(plans: Mapping[int, Sequence[Sequence[Any]]], group: Sequence[int]) 
                 " checkpoint with '{rank}' in the filename"
             )
     specs = []
-    for key, dtype, shape, nbytes, claim in plans[leader]:
+    for key, dtype, shape, nbytes, claim in (row for row in plans[leader] if row[4] != sharded):
         same = all(
             (row := by_rank[rank].get(key)) is not None and row[1] == dtype and list(row[2]) == list(shape)
             and row[4] == Placement.REPLICATED.value
@@ -225,15 +260,60 @@ def resolve(plans: Mapping[int, Sequence[Sequence[Any]]], group: Sequence[int]) 
         )  # fmt: skip
         placement = Placement.REPLICATED if claim == Placement.REPLICATED.value and same else Placement.RANK0
         specs.append(TensorSpec(key, dtype, tuple(shape), int(nbytes), placement))
+    return specs + _sharded_specs(plans, group, {spec.key for spec in specs})
+
+
+def _sharded_specs(
+    plans: Mapping[int, Sequence[Sequence[Any]]], group: Sequence[int], plain: set[str]
+) -> list[TensorSpec]:
+    """One spec per distinct chunk of the group's sharded tensors, with its holders; refused unless each
+    tensor has one dtype and global shape on every rank, is sharded on every rank that holds it, and its
+    chunks cover it exactly once."""
+    rows: dict[str, Sequence[Any]] = {}
+    holders: dict[str, list[int]] = {}
+    tensors: dict[str, tuple[str, list[int], int]] = {}
+    for index, rank in enumerate(group):
+        for row in plans[rank]:
+            if row[4] != Placement.SHARDED.value:
+                continue
+            key, dtype, _, _, _, tensor_key, _, shape = row
+            if tensor_key in plain:
+                raise PlanError(
+                    f"tensor {tensor_key!r} is sharded on rank {rank} but a plain tensor on another rank; nothing"
+                    " was written. Every rank must hold the same kind of value under a key"
+                )
+            known = tensors.setdefault(tensor_key, (dtype, list(shape), rank))
+            if known[:2] != (dtype, list(shape)):
+                raise PlanError(
+                    f"sharded tensor {tensor_key!r} is {known[0]} {known[1]} on rank {known[2]} but {dtype}"
+                    f" {list(shape)} on rank {rank}; nothing was written. Every rank must hold the same model"
+                )
+            if key in rows and list(rows[key][2]) != list(row[2]):
+                raise PlanError(f"chunk {key!r} has sizes {rows[key][2]} on one rank and {row[2]} on rank {rank}")
+            rows.setdefault(key, row)
+            holders.setdefault(key, []).append(index)
+    specs = [_sharded_spec(row, tuple(holders[key])) for key, row in rows.items()]
+    by_tensor: dict[str, list[TensorSpec]] = {}
+    for spec in specs:
+        by_tensor.setdefault(str(spec.tensor_key), []).append(spec)
+    for tensor_key, chunks in by_tensor.items():
+        problem = coverage_problem(chunks[0].tensor_shape, [(c.offsets, c.shape) for c in chunks])
+        if problem:
+            raise PlanError(
+                f"sharded tensor {tensor_key!r}: {problem} on the ranks of this writer group {list(group)}."
+                " Nothing was written. Sharded state needs one writer group holding every shard: save to a"
+                " folder every rank shares, or to an object store"
+            )
     return specs
 
 
 def assign(specs: Sequence[TensorSpec], parts: int) -> list[list[str]]:
     """Which keys each member of a group writes (index 0 is the leader); deterministic.
 
-    ``rank0`` tensors go to the leader; then ``replicated`` tensors, largest first, each to the
-    member with the fewest bytes so far (ties: lower index), so every member ends within one
-    replicated tensor of the others whenever the leader's ``rank0`` bytes are below the mean share.
+    ``rank0`` tensors go to the leader; then ``sharded`` chunks, largest first, each to the holder
+    with the fewest bytes so far; then ``replicated`` tensors, largest first, each to the member with
+    the fewest bytes so far (ties: lower index), so every member ends within one replicated tensor
+    of the others whenever the leader's ``rank0`` bytes are below the mean share.
 
     Example:
         >>> specs = [TensorSpec(k, "float32", (n,), 4 * n, Placement.REPLICATED) for k, n in (("a", 25), ("b", 15))]
@@ -248,6 +328,11 @@ def assign(specs: Sequence[TensorSpec], parts: int) -> list[list[str]]:
         if spec.placement is Placement.RANK0:
             assignment[0].append(spec.key)
             load[0] += spec.nbytes
+    chunks = [s for s in specs if s.placement is Placement.SHARDED]
+    for spec in sorted(chunks, key=lambda s: (-s.nbytes, s.key)):
+        index = min(spec.holders, key=lambda i: (load[i], i))
+        assignment[index].append(spec.key)
+        load[index] += spec.nbytes
     heap = [(load[index], index) for index in range(parts)]
     heapq.heapify(heap)
     replicated = [s for s in specs if s.placement is Placement.REPLICATED]
@@ -256,3 +341,46 @@ def assign(specs: Sequence[TensorSpec], parts: int) -> list[list[str]]:
         assignment[index].append(spec.key)
         heapq.heappush(heap, (size + spec.nbytes, index))
     return assignment
+
+
+def _volume(sizes: Sequence[int]) -> int:
+    volume = 1
+    for size in sizes:
+        volume *= size
+    return volume
+
+
+def _overlap(a: tuple[Sequence[int], Sequence[int]], b: tuple[Sequence[int], Sequence[int]]) -> bool:
+    return all(
+        oa < ob + sb and ob < oa + sa for oa, sa, ob, sb in zip(a[0], a[1], b[0], b[1], strict=True)
+    ) and _volume(a[1]) > 0 and _volume(b[1]) > 0  # fmt: skip
+
+
+def coverage_problem(shape: Sequence[int], chunks: Sequence[tuple[Sequence[int], Sequence[int]]]) -> str | None:
+    """What is wrong with ``chunks`` (``(offsets, sizes)`` pairs) as a cover of a tensor of ``shape``, or ``None``.
+
+    Chunks must lie inside the tensor, not overlap, and together hold every element exactly once.
+    Pairwise overlap checks: fine for the chunks of one tensor on up to a few hundred ranks.
+
+    Example:
+        >>> coverage_problem((4, 2), [((0, 0), (2, 2)), ((2, 0), (2, 2))]) is None
+        True
+        >>> coverage_problem((4, 2), [((0, 0), (3, 2)), ((2, 0), (2, 2))])
+        'chunks at (0, 0) and (2, 0) overlap'
+        >>> coverage_problem((4, 2), [((0, 0), (2, 2))])
+        'its chunks hold 4 of its 8 elements'
+    """
+    for offsets, sizes in chunks:
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            return f"a chunk at {tuple(offsets)} has {len(sizes)} dimensions, the tensor {len(shape)}"
+        if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape, strict=True)):
+            return f"the chunk at {tuple(offsets)} of sizes {tuple(sizes)} lies outside the shape {tuple(shape)}"
+    if len(chunks) > 1:
+        for index, first in enumerate(chunks):
+            for second in chunks[index + 1 :]:
+                if _overlap(first, second):
+                    return f"chunks at {tuple(first[0])} and {tuple(second[0])} overlap"
+    held, total = sum(_volume(sizes) for _, sizes in chunks), _volume(shape)
+    if held != total:
+        return f"its chunks hold {held} of its {total} elements"
+    return None

@@ -28,6 +28,7 @@ import torch
 
 from lightning_ckpt import layout
 from lightning_ckpt.checksum import checksum_string, parallel_crc32
+from lightning_ckpt.chunks import assemble
 from lightning_ckpt.errors import CheckpointNotFoundError, ConfigError, ConfigTypeError, CorruptCheckpointError
 from lightning_ckpt.file_reads import byte_view, load_file, read_ahead, read_whole, tensors_to_map
 from lightning_ckpt.locations import check_url
@@ -70,6 +71,12 @@ def read_manifest(storage: Storage, ckpt_dir: str) -> Manifest:
             )
         raise CheckpointNotFoundError(f"no checkpoint at {storage.url(ckpt_dir)}")
     return Manifest.from_json(storage.read_bytes(path), source=storage.url(path))
+
+
+def check_sizes(storage: Storage, ckpt_dir: str, manifest: Manifest) -> None:
+    """Every file the manifest lists exists with its listed size (a committed checkpoint's definition)."""
+    for entry in manifest.files:
+        _check_size(storage, ckpt_dir, entry)
 
 
 def _check_size(storage: Storage, ckpt_dir: str, entry: FileEntry) -> None:
@@ -195,8 +202,7 @@ def load_checkpoint_dir(
     """
     _check_load_arguments(map_location, weights_only)
     manifest = read_manifest(storage, ckpt_dir)
-    for entry in manifest.files:
-        _check_size(storage, ckpt_dir, entry)
+    check_sizes(storage, ckpt_dir, manifest)
     by_file: dict[str, list[TensorEntry]] = {entry.name: [] for entry in manifest.files}
     for t in manifest.tensors.values():
         by_file[t.file].append(t)
@@ -205,11 +211,12 @@ def load_checkpoint_dir(
     for entry in manifest.files:
         if entry.name != manifest.objects_file or by_file[entry.name]:  # objects.pt is read on its own below
             loaded.update(load_file(storage, ckpt_dir, entry, by_file[entry.name], mapped, verify_checksums))
-    tensors = {t.key: _apply_map_location(loaded.pop(t.key), t.device, map_location) for t in manifest.tensors.values()}
+    _assemble_sharded(manifest, loaded)
+    tensors = {key: _apply_map_location(loaded.pop(key), t.device, map_location) for key, t in _placed(manifest)}
     skeleton: Any = {}
     if manifest.objects_file is not None:
         raw = read_whole(storage, ckpt_dir, manifest.file(manifest.objects_file), verify_checksums)
-        skeleton = _load_objects(storage, ckpt_dir, manifest.objects_file, raw, map_location, weights_only)
+        skeleton = load_objects(storage, ckpt_dir, manifest.objects_file, raw, map_location, weights_only)
 
     def missing(key: str) -> Any:
         raise CorruptCheckpointError(f"{storage.url(ckpt_dir)}: tensor {key!r} is referenced but not in the manifest")
@@ -222,7 +229,21 @@ def load_checkpoint_dir(
     return result
 
 
-def _load_objects(
+def _assemble_sharded(manifest: Manifest, loaded: dict[str, torch.Tensor]) -> None:
+    """Replace the chunks of each sharded tensor in ``loaded`` by the whole tensor, in memory of its own."""
+    for tensor in manifest.logical_tensors().values():
+        if tensor.pieces[0].chunk_of is None:
+            continue
+        chunks = [(p.offsets, loaded.pop(p.key)) for p in tensor.pieces]
+        loaded[tensor.key] = assemble(tensor.shape, getattr(torch, tensor.dtype), chunks)
+
+
+def _placed(manifest: Manifest) -> list[tuple[str, TensorEntry]]:
+    """Each tensor's key with the entry of its (first) piece, which records the device it was saved from."""
+    return [(key, tensor.pieces[0]) for key, tensor in manifest.logical_tensors().items()]
+
+
+def load_objects(
     storage: Storage,
     ckpt_dir: str,
     name: str,
@@ -230,6 +251,8 @@ def _load_objects(
     map_location: MapLocation,
     weights_only: bool | None,
 ) -> Any:
+    """Unpickle ``objects.pt`` (its bytes ``data``): ``weights_only=True`` unless told otherwise, with an error
+    that says how to load a checkpoint one trusts."""
     raw = io.BytesIO(data)
     safe = True if weights_only is None else weights_only
     location = map_location if map_location is not None else "cpu"

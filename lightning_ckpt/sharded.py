@@ -1,23 +1,46 @@
-"""Distributed tensor types in a checkpoint dict (``DTensor``, ``ShardedTensor``): recognised, never communicated.
+"""Distributed tensors in a checkpoint dict (``DTensor``, ``ShardedTensor``): their local chunks, never communicated.
 
 This and :mod:`lightning_ckpt.dist` are the only modules that import ``torch.distributed``; this
-one only looks at tensor types. Until sharded state is supported, the save plan refuses every
-distributed tensor (:class:`~lightning_ckpt.errors.PlanError`), because pickling one keeps only
-the shards of the rank that writes ``objects.pt``.
+one only looks at tensors. A sharded value is saved as the chunks this rank holds: each with its
+global offsets (``DTensor``: from its mesh and placements; ``ShardedTensor``: from its shard
+metadata) and its local tensor, written raw. ``Partial`` placements (a pending reduction) and
+local tensors that are themselves subclasses (float8 and the like) are refused, because their
+bytes are not the value.
 
 Example:
     >>> import torch
     >>> find_distributed_tensor({"state_dict": {"w": torch.ones(2)}, "epoch": 0}) is None
     True
+    >>> is_distributed(torch.ones(2))
+    False
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["distributed_tensor_kind", "find_distributed_tensor"]
+import torch
+
+from lightning_ckpt.errors import PlanError
+
+__all__ = [
+    "LocalChunk",
+    "distributed_tensor_kind",
+    "find_distributed_tensor",
+    "global_shape",
+    "is_distributed",
+    "local_chunks",
+    "local_regions",
+]
+
+
+class LocalChunk(NamedTuple):
+    """One chunk of a sharded tensor that this rank holds: where it starts in the tensor, and its values."""
+
+    offsets: tuple[int, ...]
+    tensor: torch.Tensor
 
 
 @functools.cache
@@ -66,3 +89,81 @@ def find_distributed_tensor(tree: Any) -> tuple[str, str] | None:
         children = [((*path, k), v) for k, v in items if isinstance(v, wanted)]
         stack.extend(reversed(children))
     return None
+
+
+def is_distributed(value: Any) -> bool:
+    """Whether ``value`` is a ``DTensor`` or ``ShardedTensor`` (a leaf of :func:`lightning_ckpt.tree.split_tensors`)."""
+    classes = tuple(_distributed_classes())
+    return bool(classes) and isinstance(value, classes)
+
+
+def global_shape(value: Any) -> tuple[int, ...]:
+    """The global shape of a distributed tensor."""
+    return tuple(value.size() if distributed_tensor_kind(value) == "ShardedTensor" else value.shape)
+
+
+def local_chunks(key: str, value: Any) -> list[LocalChunk]:
+    """The chunks of the distributed tensor ``value`` that this rank holds (empty chunks left out).
+
+    A ``DTensor`` replicated on some mesh dimensions gives the same chunk on several ranks; the save
+    plan writes it once. Raises :class:`~lightning_ckpt.errors.PlanError` for what cannot be stored raw.
+    """
+    kind = distributed_tensor_kind(value)
+    if kind == "DTensor":
+        chunks = [_dtensor_chunk(key, value)]
+    elif kind == "ShardedTensor":
+        chunks = [
+            LocalChunk(tuple(shard.metadata.shard_offsets), _plain(key, shard.tensor)) for shard in value.local_shards()
+        ]
+    else:
+        raise TypeError(f"{key!r}: not a distributed tensor ({type(value).__name__})")
+    return [chunk for chunk in chunks if chunk.tensor.numel() > 0]
+
+
+def _dtensor_chunk(key: str, value: Any) -> LocalChunk:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    partial = [p for p in value.placements if p.is_partial()]
+    if partial:
+        raise PlanError(
+            f"{key!r} is a DTensor with a Partial placement ({value.placements}): its local values are a pending"
+            " reduction, not the tensor. Nothing was written. Redistribute it to Shard or Replicate before saving"
+        )
+    local = _plain(key, value.to_local())
+    shape, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+    if tuple(local.shape) != tuple(shape):
+        raise PlanError(
+            f"{key!r}: the DTensor's local tensor has shape {tuple(local.shape)}, its placements give {tuple(shape)}"
+            " (padded or uneven local shards). Nothing was written"
+        )
+    return LocalChunk(tuple(offsets), local)
+
+
+def _plain(key: str, local: Any) -> torch.Tensor:
+    if type(local) not in (torch.Tensor, torch.nn.Parameter):
+        raise PlanError(
+            f"{key!r}: its local shard is a {type(local).__name__}, not a plain tensor, so its bytes are not its"
+            " values. Nothing was written. Convert it to a plain dtype before saving (e.g. float8 training: save"
+            " the high-precision weights)"
+        )
+    return local.detach()
+
+
+def local_regions(value: Any) -> list[LocalChunk]:
+    """Where this rank's part of ``value`` lies in the whole tensor, and that part (written in place by a load).
+
+    A ``DTensor`` gives its local tensor, a ``ShardedTensor`` each local shard, a plain tensor itself.
+
+    Example:
+        >>> [(r.offsets, r.tensor.shape) for r in local_regions(torch.zeros(2, 3))]
+        [((0, 0), torch.Size([2, 3]))]
+    """
+    kind = distributed_tensor_kind(value)
+    if kind == "DTensor":
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offsets = compute_local_shape_and_global_offset(value.shape, value.device_mesh, value.placements)
+        return [LocalChunk(tuple(offsets), value.to_local())]
+    if kind == "ShardedTensor":
+        return [LocalChunk(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
+    return [LocalChunk((0,) * value.dim(), value)]

@@ -135,6 +135,10 @@ class Storage(ABC):
         """The whole content of file ``path``."""
 
     @abstractmethod
+    def read_range(self, path: str, start: int, length: int) -> bytes:
+        """``length`` bytes of file ``path`` from byte ``start`` (a ranged GET on an object store); fewer at its end."""
+
+    @abstractmethod
     def open_read(self, path: str) -> IO[bytes]:
         """File ``path`` open for reading (seekable)."""
 
@@ -231,6 +235,13 @@ class LocalStorage(Storage):
     def read_bytes(self, path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
+
+    def read_range(self, path: str, start: int, length: int) -> bytes:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return os.pread(fd, length, start)
+        finally:
+            os.close(fd)
 
     def open_read(self, path: str) -> IO[bytes]:
         return open(path, "rb")
@@ -362,6 +373,9 @@ class FsspecStorage(Storage):
 
     def read_bytes(self, path: str) -> bytes:
         return bytes(self.fs.cat_file(path))
+
+    def read_range(self, path: str, start: int, length: int) -> bytes:
+        return bytes(self.fs.cat_file(path, start=start, end=start + length)) if length else b""
 
     def open_read(self, path: str) -> IO[bytes]:
         return self.fs.open(path, "rb")

@@ -50,6 +50,7 @@ __all__ = [
     "DTYPE_TO_SAFETENSORS",
     "ESCAPED_MARKER",
     "SAFETENSORS_TO_DTYPE",
+    "join_key",
     "TENSOR_ATTRS",
     "TENSOR_MARKER",
     "drop_paths",
@@ -99,6 +100,16 @@ def _key_part(part: Any) -> str:
     return str(part).replace("/", "%2F")
 
 
+def join_key(*parts: Any) -> str:
+    """The key :func:`split_tensors` gives the value at this path of dict keys and list indices.
+
+    Example:
+        >>> join_key("optimizer_states", 0, "state", "enc/dec.weight", "exp_avg")
+        'optimizer_states/0/state/enc%2Fdec.weight/exp_avg'
+    """
+    return "/".join(_key_part(part) for part in parts)
+
+
 @dataclass
 class _SplitState:
     """What a split has found so far: the raw tensors by key, and the key of each tensor view seen.
@@ -110,9 +121,13 @@ class _SplitState:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     by_address: dict[int, str] = field(default_factory=dict)
     other_views: dict[tuple[Any, ...], str] = field(default_factory=dict)
+    is_distributed: Callable[[Any], bool] | None = None
+    distributed: dict[str, Any] = field(default_factory=dict)
 
 
-def split_tensors(checkpoint: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+def split_tensors(
+    checkpoint: Any, *, is_distributed: Callable[[Any], bool] | None = None, distributed: dict[str, Any] | None = None
+) -> tuple[Any, dict[str, torch.Tensor]]:
     """Return ``(skeleton, tensors)``: the checkpoint with each dense tensor replaced by a marker.
 
     Keys are the ``/``-joined path to the tensor (``"state_dict/layer.weight"``), made unique if
@@ -126,8 +141,14 @@ def split_tensors(checkpoint: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         (['enc', 'p'], {'__lightning_ckpt_tensor__': 'enc'})
         >>> skeleton["p"][TENSOR_ATTRS]
         {'parameter': True, 'requires_grad': True}
+
+    With ``is_distributed`` (:func:`lightning_ckpt.sharded.is_distributed`), each value it accepts
+    (a ``DTensor`` or ``ShardedTensor``) gets a marker too and goes into ``distributed`` by its key:
+    its chunks are written by the ranks holding them, and a load puts the whole tensor at the marker.
     """
-    state = _SplitState()
+    state = _SplitState(is_distributed=is_distributed)
+    if distributed is not None:
+        state.distributed = distributed
     return _split(checkpoint, (), state), state.tensors
 
 
@@ -137,6 +158,10 @@ def split_tensors(checkpoint: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 def _split(value: Any, path: tuple[str, ...], state: _SplitState) -> Any:
     if _is_raw_storable(value):
         return _tensor_marker(value, path, state)
+    if state.is_distributed is not None and state.is_distributed(value):
+        key = _new_key(path, state.tensors, state.distributed)
+        state.distributed[key] = value
+        return {TENSOR_MARKER: key}
     if isinstance(value, dict):
         out = {k: _split(v, (*path, _key_part(k)), state) for k, v in value.items()}
         rebuilt = out if type(value) is dict else _rebuild(value, out)
@@ -153,7 +178,7 @@ def _tensor_marker(value: torch.Tensor, path: tuple[str, ...], state: _SplitStat
     first = state.by_address.get(address) if address is not None else None
     key = first if first is None or _same_view(state.tensors[first], value) else _other_view(value, state)
     if key is None:
-        key = _new_key(path, state.tensors)
+        key = _new_key(path, state.tensors, state.distributed)
         state.tensors[key] = value.detach()
         if first is not None:  # another view starting at the same address (rare)
             state.other_views[_view_of(value)] = key
@@ -165,10 +190,10 @@ def _tensor_marker(value: torch.Tensor, path: tuple[str, ...], state: _SplitStat
     return {TENSOR_MARKER: key, TENSOR_ATTRS: {name: True for name, is_set in attrs.items() if is_set}}
 
 
-def _new_key(path: tuple[str, ...], tensors: Mapping[str, torch.Tensor]) -> str:
+def _new_key(path: tuple[str, ...], tensors: Mapping[str, Any], other: Mapping[str, Any] | None = None) -> str:
     key = base = "/".join(path) or "tensor"
     n = 1
-    while key in tensors:
+    while key in tensors or (other is not None and key in other):
         key, n = f"{base}#{n}", n + 1
     return key
 

@@ -16,9 +16,9 @@ Example:
     >>> import tempfile, os, torch
     >>> path = os.path.join(tempfile.mkdtemp(), "shard-00000-of-00001.safetensors")
     >>> plan = plan_shard({"w": torch.arange(4, dtype=torch.float32)}, file=os.path.basename(path))
-    >>> entry = write_shard_local(path, plan, rank=0)
-    >>> entry.size == plan.total_size, plan.entries[0].offset
-    (True, 4096)
+    >>> written = write_shard_local(path, plan, rank=0)
+    >>> written.file.size == plan.total_size, written.entries[0].offset, written.entries[0].crc32
+    (True, 4096, 'crc32:25601b8b')
 """
 
 from __future__ import annotations
@@ -26,16 +26,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, NamedTuple
 
 import torch
 
 from lightning_ckpt import _faults
 from lightning_ckpt.checksum import checksum_string, crc32
+from lightning_ckpt.checksum import checksum_string as _checksum_string
 from lightning_ckpt.fastwrite import ALIGNMENT as ALIGNMENT
 from lightning_ckpt.fastwrite import DIRECT_CHUNK_BYTES as DIRECT_CHUNK_BYTES
 from lightning_ckpt.fastwrite import (
     WRITER_THREADS,
+    RunningChecksum,
     image_blocks,
     tensor_bytes,
     write_blocks,
@@ -43,11 +45,12 @@ from lightning_ckpt.fastwrite import (
     write_with_checksum,
 )
 from lightning_ckpt.fastwrite import DirectFile as _DirectFile  # its old name here (tests/test_async.py)
-from lightning_ckpt.manifest import FileEntry, TensorEntry
+from lightning_ckpt.manifest import ChunkOf, FileEntry, TensorEntry
 from lightning_ckpt.tree import DTYPE_TO_SAFETENSORS
 
 __all__ = [
     "ShardPlan",
+    "WrittenShard",
     "checksum_of",
     "plan_shard",
     "tensor_bytes",
@@ -71,13 +74,41 @@ class ShardPlan:
     def total_size(self) -> int:
         return len(self.header) + sum(e.nbytes for e in self.entries)
 
+    @property
+    def segments(self) -> list[int]:
+        """The byte lengths of the file's consecutive parts: the header, then each piece in file order."""
+        return [len(self.header), *(e.nbytes for e in self.entries)]
+
+    def written(self, file: FileEntry, checksum: RunningChecksum) -> WrittenShard:
+        """The shard's entries once written: each piece with the CRC32 computed while its bytes were written."""
+        crcs = checksum.segment_crcs[1:]
+        entries = [
+            TensorEntry(
+                e.key, e.dtype, e.shape, e.file, e.offset, e.nbytes, e.device, _checksum_string(crc), e.chunk_of
+            )
+            for e, crc in zip(self.entries, crcs, strict=True)
+        ]
+        return WrittenShard(file, entries)
+
+
+class WrittenShard(NamedTuple):
+    """A shard file as written: its file entry and its pieces' entries (with their CRC32s)."""
+
+    file: FileEntry
+    entries: list[TensorEntry]
+
 
 def plan_shard(
-    tensors: Mapping[str, torch.Tensor], *, file: str, devices: Mapping[str, str] | None = None
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    file: str,
+    devices: Mapping[str, str] | None = None,
+    chunks: Mapping[str, ChunkOf] | None = None,
 ) -> ShardPlan:
     """Order the tensors and lay out the header; tensors must already be on the CPU.
 
-    ``devices`` records each tensor's original device in its entry (default: where it is now).
+    ``devices`` records each tensor's original device in its entry (default: where it is now);
+    ``chunks`` says which keys are chunks of a sharded tensor (:func:`lightning_ckpt.layout.chunk_key`).
     One pass over the tensors, no per-tensor JSON: 100,000 small tensors are planned in well under a second.
     """
     rows = [(-t.dtype.itemsize, key, t) for key, t in tensors.items()]
@@ -102,8 +133,9 @@ def plan_shard(
     body = body + b" " * (padded - len(body))
     raw_header = len(body).to_bytes(8, "little") + body
     start = len(raw_header)
+    chunk_of = chunks or {}
     entries = [
-        TensorEntry(key, dtype, shape, file, start + off, nbytes, device)
+        TensorEntry(key, dtype, shape, file, start + off, nbytes, device, None, chunk_of.get(key))
         for key, dtype, shape, off, nbytes, device in layout
     ]
     return ShardPlan(file=file, header=raw_header, entries=entries, tensors=[row[2] for row in rows])
@@ -138,7 +170,7 @@ def _byte_tensors(plan: ShardPlan) -> Iterator[torch.Tensor]:
 
 def write_shard_local(
     path: str, plan: ShardPlan, *, rank: int, image: torch.Tensor | None = None, direct_io: bool = True
-) -> FileEntry:
+) -> WrittenShard:
     """Write ``plan`` to the new local file ``path`` and fsync it.
 
     Args:
@@ -153,11 +185,13 @@ def write_shard_local(
     """
     _faults.reached("shard.half", rank, _faults.Writing(path, _chunks(plan, image), plan.total_size))
     file = _DirectFile(path, direct=direct_io)
+    segments = plan.segments
     try:
         if image is not None:
-            checksum = write_blocks(file, image_blocks(image, plan.total_size, file.direct), WRITER_THREADS)
+            blocks = image_blocks(image, plan.total_size, file.direct)
+            checksum = write_blocks(file, blocks, WRITER_THREADS, segments)
         elif file.direct:
-            checksum = write_bounced(file, _byte_tensors(plan))
+            checksum = write_bounced(file, _byte_tensors(plan), segments)
         else:
             position = [0]
 
@@ -165,7 +199,7 @@ def write_shard_local(
                 file.pwrite(chunk, position[0])
                 position[0] += len(chunk)
 
-            checksum = write_with_checksum(_chunks(plan), write)
+            checksum = write_with_checksum(_chunks(plan), write, segments)
     except BaseException as err:
         file.abort()
         _name_the_file(err, path)
@@ -175,7 +209,7 @@ def write_shard_local(
     except OSError as err:  # fsync can be the first to report a full disk
         _name_the_file(err, path)
         raise
-    return FileEntry(name=plan.file, size=plan.total_size, checksum=checksum, rank=rank)
+    return plan.written(FileEntry(plan.file, plan.total_size, checksum.value, rank), checksum)
 
 
 def _name_the_file(err: BaseException, path: str) -> None:
@@ -187,14 +221,14 @@ def _name_the_file(err: BaseException, path: str) -> None:
 
 def write_shard_stream(
     stream: IO[bytes], plan: ShardPlan, *, rank: int, image: torch.Tensor | None = None
-) -> FileEntry:
+) -> WrittenShard:
     """Write ``plan`` (from its staged ``image`` if given) to an open binary stream (an fsspec file)."""
 
     def write(chunk: memoryview) -> None:
         stream.write(chunk)
 
-    checksum = write_with_checksum(_chunks(plan, image), write)
-    return FileEntry(name=plan.file, size=plan.total_size, checksum=checksum, rank=rank)
+    checksum = write_with_checksum(_chunks(plan, image), write, plan.segments)
+    return plan.written(FileEntry(plan.file, plan.total_size, checksum.value, rank), checksum)
 
 
 def checksum_of(data: bytes | memoryview) -> str:

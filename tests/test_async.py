@@ -182,6 +182,7 @@ def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path: Path, staged: 
         "big": torch.randn((3 * DIRECT_CHUNK_BYTES + 12345) // 4 + 1),  # wraps the 3-block ring
         "odd": torch.randn(7).to(torch.float16),
         "flag": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 3),  # a zero-length segment between the others
     }
     try:
         files = {}
@@ -192,10 +193,13 @@ def test_direct_and_buffered_writes_give_the_same_bytes(tmp_path: Path, staged: 
                 staged_shard = StagingBuffer().stage(plan)
                 plan, image = staged_shard.plan, staged_shard.padded
             path = tmp_path / f"direct{direct}.safetensors"
-            entry = write_shard_local(str(path), plan, rank=0, image=image, direct_io=direct)
+            written = write_shard_local(str(path), plan, rank=0, image=image, direct_io=direct)
+            entry = written.file
             data = path.read_bytes()
             assert len(data) == entry.size == plan.total_size
             assert entry.checksum == f"crc32:{zlib.crc32(data):08x}"
+            for piece in written.entries:  # each tensor's own CRC32, computed while written (format v2)
+                assert piece.crc32 == f"crc32:{zlib.crc32(data[piece.offset : piece.offset + piece.nbytes]):08x}"
             files[direct] = data
             loaded = load_file(str(path))
             assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)

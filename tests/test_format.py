@@ -85,7 +85,7 @@ def test_shard_is_a_valid_safetensors_file_with_raw_bytes(tmp_path: Path) -> Non
 def test_manifest_lists_sizes_and_checksums_of_the_bytes_on_disk(tmp_path: Path) -> None:
     path = Path(save_checkpoint_dir(_sample(), tmp_path / "c"))
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["global_step"] == 40 and manifest["epoch"] == 2
+    assert manifest["format_version"] == 2 and manifest["global_step"] == 40 and manifest["epoch"] == 2
     listed = {f["name"]: f for f in manifest["files"]}
     assert set(listed) == {SHARD, "objects.pt"} == set(os.listdir(path)) - {"manifest.json"}
     for name, entry in listed.items():
@@ -93,6 +93,12 @@ def test_manifest_lists_sizes_and_checksums_of_the_bytes_on_disk(tmp_path: Path)
         assert entry["size"] == len(data)
         assert entry["checksum"] == f"crc32:{zlib.crc32(data):08x}"
     assert {t["key"] for t in manifest["tensors"]} >= {"state_dict/f32", "tuple/2"}
+    shard = (path / SHARD).read_bytes()
+    for tensor in manifest["tensors"]:  # format v2: each tensor one chunk, with the CRC32 of its own bytes
+        [chunk] = tensor["chunks"]
+        assert chunk["offsets"] == [0] * len(tensor["shape"]) and chunk["sizes"] == tensor["shape"]
+        data = shard[chunk["byte_offset"] : chunk["byte_offset"] + chunk["nbytes"]]
+        assert chunk["file"] == SHARD and chunk["crc32"] == f"crc32:{zlib.crc32(data):08x}"
     assert "torch" in manifest["versions"]
 
 

@@ -14,7 +14,7 @@ from lightning_ckpt.layout import NameFormat, Progress, RankInfo
 
 
 def test_constants() -> None:
-    assert layout.FORMAT_VERSION == 1
+    assert layout.FORMAT_VERSION == 2
     assert layout.MANIFEST_FILENAME == "manifest.json"
     assert layout.OBJECTS_FILENAME == "objects.pt"
     assert layout.SHARD_SUFFIX == ".safetensors"

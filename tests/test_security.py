@@ -221,9 +221,9 @@ def _rename_file(index: int, new_name: str) -> Callable[[dict[str, Any]], None]:
     def edit(manifest: dict[str, Any]) -> None:
         old = manifest["files"][index]["name"]
         manifest["files"][index]["name"] = new_name
-        for tensor in manifest["tensors"]:
-            if tensor["file"] == old:
-                tensor["file"] = new_name
+        for chunk in (chunk for tensor in manifest["tensors"] for chunk in tensor["chunks"]):
+            if chunk["file"] == old:
+                chunk["file"] = new_name
         if manifest.get("objects_file") == old:
             manifest["objects_file"] = new_name
 
@@ -232,7 +232,7 @@ def _rename_file(index: int, new_name: str) -> Callable[[dict[str, Any]], None]:
 
 def _tensor_file(name: str) -> Callable[[dict[str, Any]], None]:
     def edit(manifest: dict[str, Any]) -> None:
-        manifest["tensors"][0]["file"] = name
+        manifest["tensors"][0]["chunks"][0]["file"] = name
 
     return edit
 

@@ -120,6 +120,19 @@ def test_put_and_get_file_copy_bytes_between_this_machine_and_the_storage(
     assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
 
 
+def test_read_range_returns_just_those_bytes(store: tuple[Storage, str], tmp_path: Path) -> None:
+    """A ranged read (a ranged GET on an object store): what sharded loads fetch, one chunk at a time."""
+    storage, root = store
+    data = os.urandom(10_000)
+    src = tmp_path / "r.bin"
+    src.write_bytes(data)
+    storage.put_file(str(src), storage.join(root, "r.bin"))
+    path = storage.join(root, "r.bin")
+    assert storage.read_range(path, 4096, 100) == data[4096:4196]
+    assert storage.read_range(path, 0, 1) == data[:1] and storage.read_range(path, 9_990, 100) == data[9_990:]
+    assert storage.read_range(path, 123, 0) == b""
+
+
 def test_pointer_write_and_read(store: tuple[Storage, str]) -> None:
     storage, root = store
     update_latest(storage, root, "ba1", "latest")

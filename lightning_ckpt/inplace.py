@@ -1,0 +1,228 @@
+"""In-place loads into a sharded model and its optimizers: each rank reads only the chunks its shards need.
+
+The live state dicts of the current layout (``get_model_state_dict`` / ``get_optimizer_state_dict``:
+``DTensor`` values under FSDP2 and tensor parallel, ``ShardedTensor`` under FSDP1, plain tensors
+elsewhere) say which region of each tensor this rank holds. For every region, each stored piece of
+that tensor that overlaps it (:mod:`lightning_ckpt.chunks`) is read (a local ``pread``; a ranged GET
+on an object store, never the whole checkpoint), verified by its own CRC32, and the overlap copied
+in. Any layout loads any other: N ranks saved, M load; ``Shard(1)`` saved, ``Shard(0)`` loads; a
+plain (DDP or v1) checkpoint loads into a sharded model. Nothing here talks to other ranks.
+
+Optimizer state is matched by parameter name (FQN). A checkpoint whose optimizer state is keyed by
+parameter index (DDP, or a rank-0 full dict) is matched by position in ``param_groups``, which is the
+same for the same model and ``configure_optimizers``.
+
+Example:
+    >>> import os, tempfile, torch
+    >>> from lightning_ckpt.collective import save_checkpoint_dir
+    >>> model = torch.nn.Linear(2, 2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "c")
+    >>> path = save_checkpoint_dir({"state_dict": model.state_dict(), "epoch": 3}, path)
+    >>> other = torch.nn.Linear(2, 2)
+    >>> storage, directory = Storage.open(path)
+    >>> rest = load_in_place(storage, directory, other, [], strict=True)
+    >>> torch.equal(other.weight, model.weight), rest
+    (True, {'epoch': 3})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from lightning_ckpt.checksum import checksum_string, crc32
+from lightning_ckpt.chunks import assemble, copy_overlap, overlap
+from lightning_ckpt.errors import CorruptCheckpointError
+from lightning_ckpt.file_reads import read_whole
+from lightning_ckpt.manifest import LogicalTensor, Manifest, TensorEntry
+from lightning_ckpt.reader import check_sizes, load_objects, read_manifest
+from lightning_ckpt.sharded import distributed_tensor_kind, local_regions
+from lightning_ckpt.storage import Storage
+from lightning_ckpt.tree import TENSOR_MARKER, join_key, merge_tensors
+
+__all__ = ["PieceReader", "load_in_place"]
+
+_LOADED_IN_PLACE = ("state_dict", "optimizer_states")
+
+
+class PieceReader:
+    """Reads stored pieces of one checkpoint, each verified by its CRC32 (v1: its whole file's, once)."""
+
+    def __init__(self, storage: Storage, ckpt_dir: str, manifest: Manifest, *, verify: bool = True) -> None:
+        self.storage, self.ckpt_dir, self.manifest, self.verify = storage, ckpt_dir, manifest, verify
+        self._whole_files_checked: set[str] = set()
+        self.bytes_read = 0
+
+    def read(self, piece: TensorEntry) -> torch.Tensor:
+        """The piece as a tensor of its own."""
+        path = self.storage.join(self.ckpt_dir, piece.file)
+        data = bytearray(self.storage.read_range(path, piece.offset, piece.nbytes))
+        self.bytes_read += len(data)
+        if len(data) != piece.nbytes:
+            raise CorruptCheckpointError(f"{self.storage.url(path)} ended before byte {piece.offset + piece.nbytes}")
+        if self.verify:
+            self._check(piece, data)
+        dtype = getattr(torch, piece.dtype)
+        if not data:
+            return torch.empty(piece.shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(piece.shape)
+
+    def _check(self, piece: TensorEntry, data: bytearray) -> None:
+        if piece.crc32 is None:  # format v1: only the file has a CRC
+            if piece.file not in self._whole_files_checked:
+                read_whole(self.storage, self.ckpt_dir, self.manifest.file(piece.file), True)
+                self._whole_files_checked.add(piece.file)
+            return
+        found = checksum_string(crc32(data))
+        if found != piece.crc32:
+            raise CorruptCheckpointError(
+                f"{self.storage.url(self.storage.join(self.ckpt_dir, piece.file))}: tensor {piece.key!r} (bytes"
+                f" {piece.offset}..{piece.offset + piece.nbytes}) has checksum {found}, expected {piece.crc32}"
+                " (the file was modified or damaged)"
+            )
+
+    def whole(self, tensor: LogicalTensor) -> torch.Tensor:
+        """The whole tensor, in memory of its own."""
+        if len(tensor.pieces) == 1 and tensor.pieces[0].chunk_of is None:
+            return self.read(tensor.pieces[0])
+        return assemble(tensor.shape, getattr(torch, tensor.dtype), [(p.offsets, self.read(p)) for p in tensor.pieces])
+
+    def fill(self, key: str, tensor: LogicalTensor, target: Any) -> None:
+        """Copy the stored values into ``target`` (a DTensor, ShardedTensor or tensor of the same global shape)."""
+        kind = distributed_tensor_kind(target)
+        shape = tuple(target.size() if kind == "ShardedTensor" else target.shape)
+        dtype = str(target.dtype).removeprefix("torch.")
+        if shape != tensor.shape or dtype != tensor.dtype:
+            raise CorruptCheckpointError(
+                f"{key!r} is {tensor.dtype} {list(tensor.shape)} in the checkpoint but {dtype} {list(shape)} in the"
+                " model being resumed: the checkpoint was saved from a different model"
+            )
+        for offsets, region in local_regions(target):
+            for piece in tensor.pieces:
+                if region.numel() and overlap(piece.offsets, piece.shape, offsets, region.shape) is not None:
+                    copy_overlap(piece.offsets, self.read(piece).to(region.device), offsets, region)
+
+
+def load_in_place(
+    storage: Storage,
+    ckpt_dir: str,
+    module: torch.nn.Module,
+    optimizers: Sequence[torch.optim.Optimizer],
+    *,
+    strict: bool = True,
+    weights_only: bool | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Load ``state_dict`` into ``module`` and ``optimizer_states`` into ``optimizers`` in place; return the rest.
+
+    The rest is the checkpoint dict without those two keys (loops, callbacks, schedulers, ...), as
+    Lightning's sharded loaders return it.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    manifest = read_manifest(storage, ckpt_dir)
+    check_sizes(storage, ckpt_dir, manifest)
+    reader = PieceReader(storage, ckpt_dir, manifest, verify=verify)
+    tensors = manifest.logical_tensors()
+    skeleton = _skeleton(storage, ckpt_dir, manifest, weights_only)
+    model_state = get_model_state_dict(module)
+    _fill_model(reader, tensors, model_state, strict)
+    set_model_state_dict(module, model_state, options=StateDictOptions(strict=strict))
+    saved_optimizers = skeleton.get("optimizer_states", [])
+    for index, optimizer in enumerate(optimizers):
+        if index >= len(saved_optimizers):
+            raise CorruptCheckpointError(
+                f"the checkpoint holds {len(saved_optimizers)} optimizer state(s), the model being resumed has"
+                f" {len(optimizers)} optimizers; load it with weights_only=True to resume the weights alone"
+            )
+        state = get_optimizer_state_dict(module, optimizer)
+        groups = _merged(reader, tensors, saved_optimizers[index].get("param_groups", []))  # hyperparameters
+        set_optimizer_state_dict(module, optimizer, _optimizer_state(state, groups, index, reader, tensors))
+    rest = {k: v for k, v in skeleton.items() if k not in _LOADED_IN_PLACE}
+    return _merged(reader, tensors, rest)
+
+
+def _skeleton(storage: Storage, ckpt_dir: str, manifest: Manifest, weights_only: bool | None) -> dict[str, Any]:
+    if manifest.objects_file is None:
+        return {}
+    raw = read_whole(storage, ckpt_dir, manifest.file(manifest.objects_file), True)
+    skeleton = load_objects(storage, ckpt_dir, manifest.objects_file, raw, None, weights_only)
+    if not isinstance(skeleton, dict):
+        raise CorruptCheckpointError(f"{storage.url(ckpt_dir)}: expected a dict checkpoint")
+    return skeleton
+
+
+def _merged(reader: PieceReader, tensors: Mapping[str, LogicalTensor], skeleton: Any) -> Any:
+    """``skeleton`` with each marker replaced by its whole tensor (read now; only those it names)."""
+    wanted = set(_markers(skeleton))
+    return merge_tensors(skeleton, {key: reader.whole(tensors[key]) for key in wanted if key in tensors})
+
+
+def _markers(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        if TENSOR_MARKER in value and isinstance(value[TENSOR_MARKER], str):
+            return [value[TENSOR_MARKER]]
+        return [key for item in value.values() for key in _markers(item)]
+    if isinstance(value, (list, tuple)):
+        return [key for item in value for key in _markers(item)]
+    return []
+
+
+def _fill_model(
+    reader: PieceReader, tensors: Mapping[str, LogicalTensor], model_state: Mapping[str, Any], strict: bool
+) -> None:
+    for name, value in model_state.items():
+        key = join_key("state_dict", name)
+        if key not in tensors:
+            if strict:
+                raise CorruptCheckpointError(
+                    f"the model being resumed has {name!r}, which the checkpoint does not hold ({key!r}); the"
+                    " checkpoint was saved from a different model. Set strict_loading=False on the"
+                    " LightningModule to resume the rest"
+                )
+            continue
+        reader.fill(key, tensors[key], value)
+
+
+def _optimizer_state(
+    live: dict[str, Any],
+    saved_groups: Sequence[Mapping[str, Any]],
+    index: int,
+    reader: PieceReader,
+    tensors: Mapping[str, LogicalTensor],
+) -> dict[str, Any]:
+    """The live optimizer state dict filled from the saved one, keyed by FQN (saved by index: by position)."""
+    names = _saved_names(live.get("param_groups", []), saved_groups)
+    for name, values in live.get("state", {}).items():
+        saved_name = names.get(name, name)
+        for field, value in values.items():
+            key = join_key("optimizer_states", str(index), "state", str(saved_name), str(field))
+            if key in tensors and isinstance(value, torch.Tensor):
+                reader.fill(key, tensors[key], value)
+            elif key not in tensors:
+                raise CorruptCheckpointError(
+                    f"optimizer {index}: the checkpoint holds no {field!r} for parameter {name!r} ({key!r}): it"
+                    " was saved with a different optimizer or model. Resume with weights_only=True to load the"
+                    " weights alone"
+                )
+    groups = [
+        {**group, "params": live_group["params"]}
+        for group, live_group in zip(saved_groups, live.get("param_groups", []), strict=False)
+    ]
+    return {"state": live.get("state", {}), "param_groups": groups or live.get("param_groups", [])}
+
+
+def _saved_names(live_groups: Sequence[Mapping[str, Any]], saved_groups: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Live parameter name -> the name (or index) the checkpoint's optimizer state uses for it, by position."""
+    names: dict[str, Any] = {}
+    for live_group, saved_group in zip(live_groups, saved_groups, strict=False):
+        names.update(zip(live_group["params"], saved_group.get("params", []), strict=False))
+    return names
