@@ -56,7 +56,7 @@ _EXPORTS: dict[str, str] = {
     "read_checkpoint": "lightning_ckpt.reader",
 }
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CheckpointError",

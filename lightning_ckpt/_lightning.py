@@ -10,10 +10,12 @@ What it reaches into, and why:
 ``trainer.fit_loop.epoch_loop.batch_progress``              ``{batch_in_epoch}``
 ``trainer._checkpoint_connector._loaded_checkpoint``       the step being resumed from, in ``on_fit_start``
                                                             (before the loops are restored)
+``strategy.restore_checkpoint_after_setup``                 whether the restore comes after ``on_fit_start``
+``strategy.load_checkpoint`` (wrapped per FSDP/ModelParallel  load this format in place into the sharded model
+instance), ``strategy.model``/``optimizers``/``broadcast``  and optimizers (those strategies skip CheckpointIO)
 ``trainer.strategy.checkpoint_io`` (public setter)          load our format when the trainer still has
                                                             the stock ``TorchCheckpointIO``
-``trainer.optimizers``, ``optimizer.state``, strategy types  which dumped tensors DDP replicates, and which
-                                                            strategies a collective save must refuse
+``trainer.optimizers``, ``optimizer.state``, strategy types  which dumped tensors DDP replicates
 ``lightning.pytorch.core.saving.pl_load`` (wrapped once)   ``Model.load_from_checkpoint(dir)`` reads this
                                                             format (Lightning opens it as one file)
 ==========================================================  ==========================================
@@ -32,7 +34,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
@@ -45,7 +47,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_ckpt.layout import Progress, RankInfo
 
 __all__ = [
-    "check_strategy_savable",
+    "InPlace",
+    "is_our_checkpoint",
+    "install_sharded_loader",
+    "restores_after_fit_start",
     "replicated_test",
     "preemption_exit",
     "LastCheckpointProvider",
@@ -272,38 +277,72 @@ def replicated_test(trainer: Trainer) -> Callable[[str, torch.Tensor], bool] | N
     return is_replicated
 
 
-def check_strategy_savable(trainer: Trainer) -> None:
-    """Refuse, on every rank alike and before any training, a strategy whose collective saves would be wrong.
+def restores_after_fit_start(trainer: Trainer) -> bool:
+    """Whether the strategy restores the checkpoint after ``on_fit_start`` (FSDP, ModelParallel), not before."""
+    return bool(trainer.strategy.restore_checkpoint_after_setup)
 
-    FSDP and ModelParallel strategies give each rank sharded tensors (``DTensor``, ``ShardedTensor``)
-    or gather a full dict on rank 0 only; their own loaders read neither this format nor a dict
-    missing a rank's shards. The decision depends on the strategy type alone, which every rank shares.
-    The example key comes from the module's parameters. (Any distributed tensor that still reaches a
-    save is refused by the save plan, :mod:`lightning_ckpt.agree`.)
+
+class _InPlaceLoader(Protocol):
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None, *, into: Any = None
+    ) -> dict[str, Any]: ...
+
+
+def install_sharded_loader(trainer: Trainer, io: _InPlaceLoader) -> None:
+    """Make this trainer's FSDP/ModelParallel strategy load this format in place (idempotent per strategy).
+
+    Those strategies load checkpoints themselves, never through a ``CheckpointIO``. The wrapper of
+    ``strategy.load_checkpoint`` (on this instance only) hands a path of ours (a checkpoint directory,
+    a folder of checkpoints, a pointer, a URL) to ``io.load_checkpoint(path, into=(model, optimizers,
+    strict))``, which fills the sharded model and optimizers and returns the rest of the checkpoint, as
+    Lightning's loader does; anything else (a DCP directory with ``meta.pt``, a ``.ckpt`` file) goes to
+    Lightning's own loader, so a run can switch to this package mid-way.
     """
     strategy = trainer.strategy
-    if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)) or trainer.world_size == 1:
+    if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         return
-    from lightning_ckpt.errors import PlanError
-    from lightning_ckpt.sharded import distributed_tensor_kind
+    original = strategy.load_checkpoint
+    if getattr(original, "_lightning_ckpt", False):
+        return
 
-    named = list(trainer.lightning_module.named_parameters())
-    full = (
-        not getattr(strategy, "_save_distributed_checkpoint", True)
-        or getattr(strategy, "_state_dict_type", "sharded") == "full"
-    )
-    sharded = next(((name, kind) for name, p in named if (kind := distributed_tensor_kind(p))), None)
-    example = sharded or (named[0][0], "ShardedTensor") if named else None
-    if example is not None and not full:
-        what = f"its checkpoint dict holds {example[1]} values (e.g. 'state_dict/{example[0]}') sharded across ranks"
-    else:
-        key = f" (e.g. 'state_dict/{example[0]}')" if example else ""
-        what = f"it gathers the full state dict{key} on rank 0 only, which its own loader cannot resume"
-    raise PlanError(
-        f"CheckpointSaver cannot save under {type(strategy).__name__} yet: {what}. Nothing was written."
-        " Remove the CheckpointSaver (and the ShardedCheckpointIO plugin) for this strategy and use Lightning's"
-        " ModelCheckpoint, or train with strategy='ddp'; sharded state support is planned"
-    )
+    @functools.wraps(original)
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = strategy.broadcast(checkpoint_path)  # as Lightning's: every rank loads rank 0's path
+        if not is_our_checkpoint(os.fspath(path), getattr(io, "storage_options", None)):
+            return original(checkpoint_path, weights_only)
+        module = strategy.lightning_module
+        strict = module.strict_loading if module is not None else True
+        into = InPlace(strategy.model, list(strategy.optimizers), strict)
+        return io.load_checkpoint(os.fspath(path), weights_only=weights_only, into=into)
+
+    load_checkpoint._lightning_ckpt = True  # type: ignore[attr-defined]
+    strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+
+class InPlace(NamedTuple):
+    """Where a sharded load puts the state: the (sharded) model, its optimizers, and Lightning's ``strict_loading``."""
+
+    module: Any
+    optimizers: list[Any]
+    strict: bool
+
+
+def is_our_checkpoint(path: str, storage_options: Any = None) -> bool:
+    """A checkpoint path of this format; not a DCP directory (``meta.pt``, ``.metadata``) or a single file."""
+    from lightning_ckpt.locations import is_url
+    from lightning_ckpt.storage import Storage
+
+    if path.startswith(("http://", "https://")):
+        return False
+    if not is_url(path):
+        if not _names_checkpoint_directory(path):
+            return False
+        return not any(os.path.exists(os.path.join(path, name)) for name in ("meta.pt", ".metadata"))
+    try:
+        storage, target = Storage.open(path, storage_options)
+        return not any(storage.exists(storage.join(target, name)) for name in ("meta.pt", ".metadata"))
+    except Exception:  # credentials, protocol, network: let Lightning's own loader report it
+        return False
 
 
 def _names_checkpoint_directory(path: str) -> bool:

@@ -159,6 +159,7 @@ class CheckpointSaver(Checkpoint):
         self._last_path: str | None = None  # what ckpt_path="last" resolved to, until setup plans the load
         self._best_from_workers = ""
         self._leftovers_done = False  # uploaded once per saver, before the first "last" is loaded
+        self._adopted = True  # False from on_fit_start until the resumed run is adopted (after the restore)
         _lightning.install_last_resolver()
 
     def __getattr__(self, name: str) -> Any:
@@ -310,6 +311,7 @@ class CheckpointSaver(Checkpoint):
         if self._io is None or self._io_trainer is None or self._io_trainer() is not trainer:  # made once per trainer
             self._io = _plugin_for(trainer, self.options, self.folder_path(trainer))
             self._io_trainer = weakref.ref(trainer)
+        _lightning.install_sharded_loader(trainer, self._io)  # FSDP/ModelParallel load without a CheckpointIO
         session = self._folder_session(trainer)
         if self._session is not None and self._session.lock is not None and self._session.url == session.url:
             session.lock, self._session.lock = self._session.lock, None  # still held: no teardown since
@@ -333,13 +335,28 @@ class CheckpointSaver(Checkpoint):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Remove what interrupted saves left, adopt the resumed run's id and checkpoints (for rotation),
-        refuse a folder with newer checkpoints unless ``overwrite``, and start the schedule's clock."""
-        _lightning.check_strategy_savable(trainer)  # a strategy whose saves would be refused: before any training
+        """Remove what interrupted saves left; once the checkpoint is restored (here, or at ``on_train_start``
+        under strategies that restore after ``on_fit_start``), adopt the resumed run."""
         assert self._session is not None and self._io is not None, "setup() ran first"
-        session = self._session
         if self.options.lock_folder:  # this run owns the folder: nothing else is saving there
-            session.remove_leftovers(trainer)
+            self._session.remove_leftovers(trainer)
+        self._adopted = False
+        if not _lightning.restores_after_fit_start(trainer):
+            self._adopt_resumed(trainer)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Adopt the resumed run if the restore came after ``on_fit_start``; install the preemption handlers."""
+        if not self._adopted:
+            self._adopt_resumed(trainer)
+        self.trigger.preemption.install()  # after Lightning registered its own handlers, which these replace
+
+    def _adopt_resumed(self, trainer: Trainer) -> None:
+        """Adopt the resumed run's id and checkpoints (for rotation), refuse a folder with newer checkpoints
+        unless ``overwrite``, and start the schedule's clock. Needs the restored step: runs after the restore."""
+        assert self._session is not None and self._io is not None, "setup() ran first"
+        self._adopted = True
+        session = self._session
         resumed = self._io.last_resume if trainer.ckpt_path else None
         loaded = resumed.loaded if resumed is not None else None
         given = loaded or (str(trainer.ckpt_path) if trainer.ckpt_path else None)
@@ -353,11 +370,6 @@ class CheckpointSaver(Checkpoint):
         if not self.options.overwrite:
             session.refuse_newer([r for r in named if r.name not in damaged], _lightning.resume_step(trainer))
         self.trigger.start(trainer.global_step)
-
-    @override
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Install the preemption signal handlers (replacing Lightning's until the fit ends)."""
-        self.trigger.preemption.install()  # after Lightning registered its own handlers, which these replace
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -62,6 +61,7 @@ __all__ = [
 
 T = TypeVar("T")
 _POLL_S = 0.05  # how often wait_announced reads the store
+_MAX_POLL_S = 0.01  # the longest pause between two polls of a barrier or a report (they start at 0.5 ms)
 
 
 def default_store() -> Any:
@@ -176,6 +176,23 @@ class Exchange:
     def _named(self, name: str) -> str:
         return f"lightning_ckpt/{self.prefix}/{name}"
 
+    def _wait_for(self, keys: Sequence[str], timeout_s: float) -> bool:
+        """Whether every key was set within ``timeout_s``, found by polling the store.
+
+        Never ``store.wait``: a c10d store client serves one request at a time, so a blocking wait on
+        one thread (the uploader waiting for other ranks' reports) would hold back every other thread's
+        requests (the training thread's save barrier) until it ends. Each poll is one short ``check``.
+        """
+        assert self.store is not None
+        deadline, delay = time.monotonic() + timeout_s, 0.0005
+        while not self.store.check(list(keys)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _MAX_POLL_S)
+        return True
+
     def _post(self, key: str, value: str) -> None:
         self.store.set(key, value)
         self._fresh.append(key)
@@ -209,9 +226,7 @@ class Exchange:
         self._post(own, json.dumps(message))
         keys = [self._key(phase, r) for r in range(self.world_size)]
         missing: list[int] = []
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout_s))
-        except RuntimeError:  # DistStoreError on timeout
+        if not self._wait_for(keys, self.timeout_s):
             missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
         arrived = [r for r in range(self.world_size) if r not in missing]
         messages = {r: json.loads(self.store.get(self._key(phase, r))) for r in arrived}
@@ -229,10 +244,8 @@ class Exchange:
         if self.rank == src:
             self._post(key, json.dumps(value))
             return value
-        try:
-            self.store.wait([key], timedelta(seconds=self.timeout_s))
-        except RuntimeError as err:
-            raise CollectiveError(phase, {}, [src], self.timeout_s) from err
+        if not self._wait_for([key], self.timeout_s):
+            raise CollectiveError(phase, {}, [src], self.timeout_s)
         return json.loads(self.store.get(key))
 
     def report(self, phase: str, status: str) -> None:
@@ -267,11 +280,9 @@ class Exchange:
         if self.store is None:
             return {}
         keys = [self._key(phase, r) for r in ranks]
-        try:
-            self.store.wait(keys, timedelta(seconds=self.timeout_s))
-        except RuntimeError as err:  # DistStoreError on timeout
+        if not self._wait_for(keys, self.timeout_s):
             missing = [r for r, k in zip(ranks, keys, strict=True) if not self.store.check([k])]
-            raise CollectiveError(phase, {}, missing, self.timeout_s) from err
+            raise CollectiveError(phase, {}, missing, self.timeout_s)
         return {r: bytes(self.store.get(k)).decode() for r, k in zip(ranks, keys, strict=True)}
 
     def announce(self, names: Sequence[str], status: str) -> None:

@@ -114,11 +114,15 @@ def load_in_place(
     strict: bool = True,
     weights_only: bool | None = None,
     verify: bool = True,
+    module_key: str = "state_dict",
+    optimizer_keys: Sequence[tuple[Any, ...]] | None = None,
 ) -> dict[str, Any]:
-    """Load ``state_dict`` into ``module`` and ``optimizer_states`` into ``optimizers`` in place; return the rest.
+    """Load ``module_key`` into ``module`` and each optimizer's state in place; return the rest of the checkpoint.
 
-    The rest is the checkpoint dict without those two keys (loops, callbacks, schedulers, ...), as
-    Lightning's sharded loaders return it.
+    ``optimizer_keys`` are where each optimizer's state sits in the checkpoint dict: Lightning's
+    ``("optimizer_states", i)`` by default, e.g. ``("optimizer",)`` for a Fabric state dict. The rest
+    is the checkpoint dict without ``module_key`` and those entries (loops, callbacks, schedulers, ...),
+    as Lightning's sharded loaders return it.
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -128,26 +132,44 @@ def load_in_place(
         set_optimizer_state_dict,
     )
 
+    paths = (
+        list(optimizer_keys)
+        if optimizer_keys is not None
+        else [("optimizer_states", i) for i in range(len(optimizers))]
+    )
     manifest = read_manifest(storage, ckpt_dir)
     check_sizes(storage, ckpt_dir, manifest)
     reader = PieceReader(storage, ckpt_dir, manifest, verify=verify)
     tensors = manifest.logical_tensors()
     skeleton = _skeleton(storage, ckpt_dir, manifest, weights_only)
     model_state = get_model_state_dict(module)
-    _fill_model(reader, tensors, model_state, strict)
+    _fill_model(reader, tensors, model_state, strict, module_key)
     set_model_state_dict(module, model_state, options=StateDictOptions(strict=strict))
-    saved_optimizers = skeleton.get("optimizer_states", [])
-    for index, optimizer in enumerate(optimizers):
-        if index >= len(saved_optimizers):
+    for path, optimizer in zip(paths, optimizers, strict=True):
+        saved = _at(skeleton, path)
+        if not isinstance(saved, dict):
             raise CorruptCheckpointError(
-                f"the checkpoint holds {len(saved_optimizers)} optimizer state(s), the model being resumed has"
-                f" {len(optimizers)} optimizers; load it with weights_only=True to resume the weights alone"
+                f"the checkpoint holds no optimizer state at {join_key(*path)!r}; it was saved without this"
+                " optimizer. Resume with weights_only=True to load the weights alone"
             )
         state = get_optimizer_state_dict(module, optimizer)
-        groups = _merged(reader, tensors, saved_optimizers[index].get("param_groups", []))  # hyperparameters
-        set_optimizer_state_dict(module, optimizer, _optimizer_state(state, groups, index, reader, tensors))
-    rest = {k: v for k, v in skeleton.items() if k not in _LOADED_IN_PLACE}
+        groups = _merged(reader, tensors, saved.get("param_groups", []))  # hyperparameters
+        set_optimizer_state_dict(module, optimizer, _optimizer_state(state, groups, path, reader, tensors))
+    loaded_here = {module_key, *(path[0] for path in paths)}
+    rest = {k: v for k, v in skeleton.items() if k not in loaded_here}
     return _merged(reader, tensors, rest)
+
+
+def _at(tree: Any, path: Sequence[Any]) -> Any:
+    """The value at ``path`` (dict keys, list indices) in ``tree``, or ``None``."""
+    for part in path:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, (list, tuple)) and isinstance(part, int) and part < len(tree):
+            tree = tree[part]
+        else:
+            return None
+    return tree
 
 
 def _skeleton(storage: Storage, ckpt_dir: str, manifest: Manifest, weights_only: bool | None) -> dict[str, Any]:
@@ -177,10 +199,10 @@ def _markers(value: Any) -> list[str]:
 
 
 def _fill_model(
-    reader: PieceReader, tensors: Mapping[str, LogicalTensor], model_state: Mapping[str, Any], strict: bool
+    reader: PieceReader, tensors: Mapping[str, LogicalTensor], model_state: Mapping[str, Any], strict: bool, root: str
 ) -> None:
     for name, value in model_state.items():
-        key = join_key("state_dict", name)
+        key = join_key(root, name)
         if key not in tensors:
             if strict:
                 raise CorruptCheckpointError(
@@ -195,7 +217,7 @@ def _fill_model(
 def _optimizer_state(
     live: dict[str, Any],
     saved_groups: Sequence[Mapping[str, Any]],
-    index: int,
+    path: Sequence[Any],
     reader: PieceReader,
     tensors: Mapping[str, LogicalTensor],
 ) -> dict[str, Any]:
@@ -204,14 +226,14 @@ def _optimizer_state(
     for name, values in live.get("state", {}).items():
         saved_name = names.get(name, name)
         for field, value in values.items():
-            key = join_key("optimizer_states", str(index), "state", str(saved_name), str(field))
+            key = join_key(*path, "state", saved_name, field)
             if key in tensors and isinstance(value, torch.Tensor):
                 reader.fill(key, tensors[key], value)
             elif key not in tensors:
                 raise CorruptCheckpointError(
-                    f"optimizer {index}: the checkpoint holds no {field!r} for parameter {name!r} ({key!r}): it"
-                    " was saved with a different optimizer or model. Resume with weights_only=True to load the"
-                    " weights alone"
+                    f"optimizer {join_key(*path)!r}: the checkpoint holds no {field!r} for parameter {name!r}"
+                    f" ({key!r}): it was saved with a different optimizer or model. Resume with weights_only=True"
+                    " to load the weights alone"
                 )
     groups = [
         {**group, "params": live_group["params"]}

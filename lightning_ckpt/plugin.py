@@ -40,6 +40,7 @@ from lightning_ckpt.discovery import Resolved, list_committed, load_resolved, re
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import ConfigError, TargetExistsError
 from lightning_ckpt.hooks import check_hooks
+from lightning_ckpt.inplace import load_in_place
 from lightning_ckpt.locations import check_storage_options
 from lightning_ckpt.mirror import RemoteMirror, default_cache_dir
 from lightning_ckpt.pipeline import PendingSave, SavePipeline
@@ -371,13 +372,25 @@ class ShardedCheckpointIO(CheckpointIO):
 
     @override
     def load_checkpoint(
-        self, path: Any, map_location: MapLocation = None, weights_only: bool | None = None
+        self,
+        path: Any,
+        map_location: MapLocation = None,
+        weights_only: bool | None = None,
+        *,
+        into: Any = None,
+        **in_place: Any,
     ) -> dict[str, Any]:
         """Load a checkpoint directory, folder (newest committed), pointer, URL or legacy ``.ckpt`` file.
 
         Lightning calls it on every rank to resume; Fabric and scripts call it directly. With several
         ranks, a *folder* means the newest checkpoint committed in every rank's folder (node-local disks
         can differ if a job died mid-commit). :attr:`last_resume` says what was loaded.
+
+        With ``into=(module, optimizers, strict)`` (a sharded model under FSDP or ModelParallel), the
+        model and optimizer state are loaded in place, each rank reading only the chunks its shards
+        need (ranged reads from an object store, no download of the whole checkpoint), and the rest of
+        the checkpoint is returned (:func:`lightning_ckpt.inplace.load_in_place`, which also takes
+        ``in_place``: ``module_key``, ``optimizer_keys``).
 
         Example:
             >>> import os, tempfile, torch
@@ -394,7 +407,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self._loads += 1
 
         def load(url: str) -> dict[str, Any]:
-            return self._load_resolved(resolve(url, self.storage_options), map_location, weights_only)
+            return self._load_resolved(resolve(url, self.storage_options), map_location, weights_only, into, in_place)
 
         plan = self._expected.pop(os.fspath(path), None)
         if plan is not None:
@@ -403,7 +416,7 @@ class ShardedCheckpointIO(CheckpointIO):
         resolved = resolve(os.fspath(path), self.storage_options)
         if resolved.from_folder and exchange.world_size > 1:
             resolved = self._newest_in_every_folder(resolved, exchange)
-        checkpoint = self._load_resolved(resolved, map_location, weights_only)
+        checkpoint = self._load_resolved(resolved, map_location, weights_only, into, in_place)
         self.last_resume = Resumed(checkpoint, resolved.url)
         return checkpoint
 
@@ -416,8 +429,17 @@ class ShardedCheckpointIO(CheckpointIO):
         return Resolved(storage, first.url, "dir")
 
     def _load_resolved(
-        self, resolved: Resolved, map_location: MapLocation, weights_only: bool | None
+        self,
+        resolved: Resolved,
+        map_location: MapLocation,
+        weights_only: bool | None,
+        into: Any = None,
+        in_place: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        if into is not None and resolved.kind == "dir":  # ranged reads of the chunks this rank needs, in place
+            module, optimizers, strict = into
+            options = {"strict": strict, "weights_only": weights_only, "verify": self.verify_checksums}
+            return load_in_place(resolved.storage, resolved.path, module, optimizers, **options, **(in_place or {}))
         if resolved.kind == "dir" and not resolved.storage.is_local:
             resolved = self.mirror.download(resolved)
         return load_resolved(

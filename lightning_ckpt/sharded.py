@@ -167,3 +167,36 @@ def local_regions(value: Any) -> list[LocalChunk]:
     if kind == "ShardedTensor":
         return [LocalChunk(tuple(s.metadata.shard_offsets), s.tensor) for s in value.local_shards()]
     return [LocalChunk((0,) * value.dim(), value)]
+
+
+def sharded_state_dicts(state: Mapping[str, Any], *, full: bool = False) -> dict[str, Any]:
+    """``state`` with each module replaced by its state dict and each optimizer by its state, as sharded
+    ``DTensor`` values on the CPU (``full``: full tensors, on rank 0 only), keyed by parameter name.
+
+    Modules and optimizers are found by type; optimizers need the one module of ``state``.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> sorted(sharded_state_dicts({"model": model, "step": 3}))
+        ['model', 'step']
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=full, cpu_offload=True)
+    modules = [value for value in state.values() if isinstance(value, torch.nn.Module)]
+    converted: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.nn.Module):
+            converted[key] = get_model_state_dict(value, options=options)
+        elif isinstance(value, torch.optim.Optimizer):
+            if len(modules) != 1:
+                raise PlanError(
+                    f"state[{key!r}] is an optimizer, which is saved by parameter name through its model; state holds"
+                    f" {len(modules)} models. Save one model with its optimizers per checkpoint"
+                )
+            converted[key] = get_optimizer_state_dict(modules[0], value, options=options)
+        else:
+            converted[key] = (
+                value.state_dict() if hasattr(value, "state_dict") and hasattr(value, "load_state_dict") else value
+            )
+    return converted

@@ -57,7 +57,14 @@ class DumpLoaded(L.Callback):
         self.prefix = prefix
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        torch.save(state_of(pl_module), f"{self.prefix}.rank{trainer.global_rank}.pt")
+        torch.save(full_state_of(pl_module), f"{self.prefix}.rank{trainer.global_rank}.pt")
+
+
+def full_state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state_of``, with sharded (DTensor) values gathered into full tensors (a collective: every rank calls it)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in state_of(model).items()}
 
 
 class BatchNormRegressor(TinyRegressor):

@@ -112,8 +112,10 @@ def test_every_rank_writes_its_own_balanced_shard(full_run: tuple[int, Path]) ->
     assert sorted(shards) == [f"shard-{i:05d}-of-{ranks:05d}.safetensors" for i in range(ranks)]
     assert sorted(f["rank"] for f in shards.values()) == list(range(ranks)), "each rank wrote one shard"
     assert [f["rank"] for f in manifest["files"] if f["name"] == "objects.pt"] == [0]
-    data = [sum(t["nbytes"] for t in manifest["tensors"] if t["file"] == name) for name in sorted(shards)]
-    largest = max(t["nbytes"] for t in manifest["tensors"])
+    chunks = [chunk for tensor in manifest["tensors"] for chunk in tensor["chunks"]]  # DDP: one per tensor
+    assert len(chunks) == len(manifest["tensors"])
+    data = [sum(c["nbytes"] for c in chunks if c["file"] == name) for name in sorted(shards)]
+    largest = max(c["nbytes"] for c in chunks)
     assert max(data) - min(data) <= largest, f"shards balanced by bytes: {data}"
     assert manifest["world_size"] == ranks and manifest["metadata"]["writer_ranks"] == list(range(ranks))
     assert _equal(read_checkpoint(str(final))["state_dict"], torch.load(root / "w.pt"))

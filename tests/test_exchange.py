@@ -153,3 +153,42 @@ def test_a_member_that_never_reports_times_out_naming_its_rank(tmp_path: Path, r
     up0.close()
     assert isinstance(info.value, CheckpointError) and isinstance(info.value, RuntimeError)
     assert not storage.exists(storage.join(folder, "ba1", "manifest.json"))
+
+
+def test_a_thread_waiting_for_reports_does_not_hold_back_another_threads_barrier() -> None:
+    """A real ``TCPStore`` client serves one request at a time. The uploader thread waiting for other ranks'
+    reports must not keep the training thread's save barrier from posting (that deadlocked two FSDP2 ranks
+    when the next save began before the previous upload was reported)."""
+    import socket
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = TCPStore("127.0.0.1", port, 2, True, timedelta(seconds=30), wait_for_workers=False)
+    client = TCPStore("127.0.0.1", port, 2, False, timedelta(seconds=30))
+    uploader = Exchange(client, 0, 2, "upload", timeout_s=3)
+    outcome: list[str] = []
+
+    def await_rank1() -> None:
+        try:
+            uploader.await_reports("up", [1])
+        except CollectiveError as err:
+            outcome.append(f"missing {err.missing}")
+
+    waiting = threading.Thread(target=await_rank1)
+    waiting.start()
+    try:
+        training = Exchange(client, 0, 2, "save", timeout_s=20)
+        other = Exchange(server, 1, 2, "save", timeout_s=20)
+        answer = threading.Thread(target=other.barrier, args=("plan",), kwargs={"payload": "rank1"})
+        answer.start()
+        assert training.barrier("plan", payload="rank0") == {0: "rank0", 1: "rank1"}
+        assert waiting.is_alive(), "the barrier completed while the other thread was still waiting for its reports"
+        answer.join()
+    finally:
+        uploader.report("up", "ok")  # not rank 1's key: the waiting thread runs out at its timeout
+        waiting.join()
+    assert outcome == ["missing [1]"]

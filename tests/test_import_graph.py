@@ -12,16 +12,16 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_ckpt"
 
 _MECHANISM = """pipeline saves collective assembly agree mirror upload transfer writer fastwrite reader file_reads
-commit targets stale checkpoint rotation discovery staging lock inflight hooks sharded preemption inplace"""
+commit targets stale checkpoint rotation discovery staging lock inflight hooks sharded preemption inplace export"""
 _PURE = "layout naming manifest tree checksum stats redact errors _faults plan policies interval chunks"
 LAYERS: dict[str, int] = {  # 5: Lightning-facing ... 1: pure (the layers of docs/architecture.md)
-    **dict.fromkeys("callback plugin _lightning demo __init__ __main__".split(), 5),
+    **dict.fromkeys("callback plugin _lightning demo __init__ __main__ strategies fabric_strategies".split(), 5),
     **dict.fromkeys("options _checks trigger catalog session resume".split(), 4),
     **dict.fromkeys(_MECHANISM.split(), 3),
     **dict.fromkeys("storage locations localfs dist".split(), 2),
     **dict.fromkeys(_PURE.split(), 1),
 }
-LIGHTNING_IMPORTERS = {"callback", "plugin", "_lightning", "demo"}
+LIGHTNING_IMPORTERS = {"callback", "plugin", "_lightning", "demo", "strategies", "fabric_strategies"}
 
 
 def _module_level_imports(path: Path) -> list[str]:

@@ -321,7 +321,7 @@ def test_a_remote_manifest_cannot_name_files_outside_its_checkpoint(
     fs.pipe_file(f"{s3_bucket.url}/run/x", fs.cat_file(f"{url}/{SHARD}"))  # what "../x" names, same bytes
     shard["name"] = bad_name
     for tensor in manifest["tensors"]:
-        tensor["file"] = bad_name
+        tensor["chunks"][0]["file"] = bad_name
     fs.pipe_file(f"{url}/manifest.json", json.dumps(manifest).encode())
     cache = tmp_path / "cache"
     with pytest.raises(CorruptCheckpointError, match=rf"{url}/manifest\.json: file name .* is not a plain name"):

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from lightning_ckpt.cli._common import PROG, UsageError, parse_storage_options
+from lightning_ckpt.cli.consolidate import HELP as CONSOLIDATE_HELP
+from lightning_ckpt.cli.consolidate import add_arguments as add_consolidate_arguments
 from lightning_ckpt.cli.consolidate import cmd_consolidate
 from lightning_ckpt.cli.cp import cmd_cp
 from lightning_ckpt.cli.inspect import cmd_inspect
@@ -61,12 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON document")
     verify = add("verify", cmd_verify, "check the size and checksum of every file (exit code 0 only if all verify)")
     verify.add_argument("ckpt", metavar="CKPT")
-    consolidate_cmd = add("consolidate", cmd_consolidate, "write a checkpoint as one standard Lightning .ckpt file")
-    consolidate_cmd.add_argument("ckpt", metavar="CKPT")
-    consolidate_cmd.add_argument("out", metavar="OUT.ckpt")
-    consolidate_cmd.add_argument(
-        "--allow-pickle", action="store_true", help="unpickle objects.pt with weights_only=False (trusted files only)"
-    )
+    add_consolidate_arguments(add("consolidate", cmd_consolidate, CONSOLIDATE_HELP))
     prune_cmd = add(
         "prune", cmd_prune, "delete all but the N newest checkpoints (and every M-th step; never the latest)"
     )

@@ -1,106 +1,112 @@
-"""``lightning-ckpt consolidate``: a checkpoint of any number of shards as one standard ``torch.save`` file."""
+"""``lightning-ckpt consolidate``: a checkpoint of any number of shards as one ``.ckpt`` file or as safetensors.
+
+The work is :func:`lightning_ckpt.export.consolidate` (tensor by tensor, never the whole model in
+memory); this module adds the arguments, a progress bar and the ``wrote ...`` lines.
+"""
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import tempfile
-from collections.abc import Callable
-from typing import IO, Any, cast
+import re
+from typing import Any
 
-import torch
+from lightning_ckpt import export
+from lightning_ckpt.cli._common import UsageError, human_size, progress
 
-from lightning_ckpt import layout
-from lightning_ckpt.cli._common import human_size, progress, resolve_dir
-from lightning_ckpt.cli.cp import copy_checkpoint
-from lightning_ckpt.cli.verify import verify_checkpoint
-from lightning_ckpt.errors import CorruptCheckpointError
-from lightning_ckpt.localfs import fsync_dir
-from lightning_ckpt.reader import load_checkpoint_dir, read_manifest
-from lightning_ckpt.storage import Storage
+__all__ = ["add_arguments", "cmd_consolidate", "consolidate", "parse_size"]
 
-__all__ = ["cmd_consolidate", "consolidate"]
+HELP = "write a checkpoint as one standard Lightning .ckpt file, or as Hugging Face safetensors"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
-def _save_atomic(obj: Any, out: str, total: int) -> None:
-    """``torch.save`` into a temporary file next to ``out``, fsync, then rename onto ``out``."""
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=layout.temp_prefix(os.path.basename(out)), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f, progress(total, "write") as bar:
-            torch.save(obj, cast(IO[bytes], _CountingWriter(f, bar.update)))
-            bar.total = bar.n  # ``total`` was an estimate (the checkpoint's size): end the bar at 100 %
-            bar.refresh()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        fsync_dir(directory)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def parse_size(text: str, argument: str = "--max-shard-size") -> int:
+    """A size such as ``5GB``, ``500MB``, ``2GiB`` or ``1000`` (bytes) as a number of bytes.
+
+    Example:
+        >>> parse_size("5GB"), parse_size("2GiB"), parse_size("1000")
+        (5000000000, 2147483648, 1000)
+        >>> parse_size("5 parsecs")
+        Traceback (most recent call last):
+        ...
+        lightning_ckpt.cli._common.UsageError: --max-shard-size '5 parsecs' is not a size; use e.g. 5GB, 500MB or 2GiB
+    """
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = found.group(2).upper() if found else ""
+    if found is None or unit not in _UNITS or float(found.group(1)) * _UNITS[unit] < 1:
+        raise UsageError(f"{argument} {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    return int(float(found.group(1)) * _UNITS[unit])
 
 
-class _CountingWriter(io.RawIOBase):
-    """A write-only stream that forwards to ``target`` and reports each write's length."""
+def add_arguments(command: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the arguments of ``consolidate`` to its subparser (``build_parser`` calls it).
 
-    def __init__(self, target: IO[bytes], report: Callable[[int], object]) -> None:
-        super().__init__()
-        self._target, self._report = target, report
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        n = self._target.write(data)
-        self._report(n)
-        return n
-
-    def flush(self) -> None:
-        self._target.flush()
+    Example:
+        >>> args = add_arguments(argparse.ArgumentParser()).parse_args(["ckpt", "out", "--format", "safetensors"])
+        >>> args.format, args.dtype, args.weights_only, args.force
+        ('safetensors', None, False, False)
+    """
+    command.add_argument("ckpt", metavar="CKPT")
+    command.add_argument(
+        "out", metavar="OUT", help="the .ckpt file; for safetensors a directory or a path ending in .safetensors"
+    )
+    command.add_argument(
+        "--format",
+        choices=export.FORMATS,
+        default=None,
+        help="ckpt (torch.save, the whole checkpoint) or safetensors (the model's weights, Hugging Face layout);"
+        " default: safetensors if OUT ends with .safetensors, else ckpt",
+    )
+    command.add_argument(
+        "--dtype",
+        choices=sorted(export.DTYPES),
+        default=None,
+        help="cast the floating-point weights (not optimizer state)",
+    )
+    command.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="ckpt: keep only state_dict and what load_from_checkpoint reads (epoch, global_step, hyper_parameters)",
+    )
+    command.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="safetensors: start a new file before one exceeds SIZE (default 5GB, like Hugging Face)",
+    )
+    command.add_argument("--force", action="store_true", help="overwrite existing output files")
+    command.add_argument(
+        "--allow-pickle", action="store_true", help="unpickle objects.pt with weights_only=False (trusted files only)"
+    )
+    return command
 
 
 def consolidate(
-    src: str, out: str, storage_options: dict[str, Any] | None = None, *, allow_pickle: bool = False
+    src: str, out: str, storage_options: dict[str, Any] | None = None, *, allow_pickle: bool = False, **options: Any
 ) -> str:
-    """Write the checkpoint ``src`` (any number of shards, local or remote) as one ``torch.save`` file ``out``.
+    """Write the checkpoint ``src`` as one ``torch.save`` file ``out`` (or safetensors: ``options``); return ``out``.
 
-    The result is the full checkpoint dict (as :func:`lightning_ckpt.read_checkpoint` returns it),
-    so ``MyModule.load_from_checkpoint(out)`` and ``torch.load(out)`` read it. Every file is
-    verified first; ``out`` appears atomically (temporary file + rename). Remote checkpoints are
-    downloaded (and verified) into a temporary directory first.
+    Kept for callers of 0.x; ``options`` are those of :func:`lightning_ckpt.export.consolidate`,
+    which returns every file written.
 
     Example:
-        >>> import tempfile, os, torch
+        >>> import tempfile, torch
         >>> from lightning_ckpt.collective import save_checkpoint_dir
         >>> root = tempfile.mkdtemp()
         >>> src = save_checkpoint_dir({"state_dict": {"w": torch.ones(2)}, "epoch": 1}, os.path.join(root, "a"))
         >>> torch.load(consolidate(src, os.path.join(root, "a.ckpt")))["state_dict"]["w"]
         tensor([1., 1.])
     """
-    storage, ckpt_dir = resolve_dir(src, storage_options or {})
-    with tempfile.TemporaryDirectory(prefix="lightning-ckpt-") as scratch:
-        if not storage.is_local:
-            local = copy_checkpoint(
-                storage.url(ckpt_dir), os.path.join(scratch, storage.basename(ckpt_dir)), storage_options
-            )
-            storage, ckpt_dir = Storage.open(local)
-        manifest = read_manifest(storage, ckpt_dir)
-        failed = [(name, why) for name, why in verify_checkpoint(storage, ckpt_dir, manifest) if why is not None]
-        if failed:
-            raise CorruptCheckpointError(failed[0][1])
-        checkpoint = load_checkpoint_dir(storage, ckpt_dir, weights_only=not allow_pickle, verify_checksums=False)
-        _save_atomic(checkpoint, out, manifest.total_bytes)  # loaded tensors own their memory
+    export.consolidate(src, out, storage_options=storage_options, allow_pickle=allow_pickle, **options)
     return out
 
 
 def cmd_consolidate(args: argparse.Namespace, options: dict[str, Any]) -> int:
-    """``consolidate CKPT OUT``: write one standard ``.ckpt`` file.
+    """``consolidate CKPT OUT``: write one standard ``.ckpt`` file, or safetensors with ``--format safetensors``.
 
     Example:
-        >>> import tempfile, os, torch
+        >>> import tempfile, torch
         >>> from lightning_ckpt.collective import save_checkpoint_dir
         >>> root = tempfile.mkdtemp()
         >>> src = save_checkpoint_dir({"state_dict": {"w": torch.ones(2)}}, os.path.join(root, "a"))
@@ -109,6 +115,26 @@ def cmd_consolidate(args: argparse.Namespace, options: dict[str, Any]) -> int:
         wrote .../a.ckpt (... KiB)
         0
     """
-    out = consolidate(args.ckpt, args.out, options, allow_pickle=args.allow_pickle)
-    print(f"wrote {out} ({human_size(os.path.getsize(out))})")
+    with progress(0, "write") as bar:
+
+        def report(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        written = export.consolidate(
+            args.ckpt,
+            args.out,
+            format=getattr(args, "format", None),
+            dtype=getattr(args, "dtype", None),
+            weights_only=getattr(args, "weights_only", False),
+            storage_options=options,
+            max_shard_bytes=parse_size(getattr(args, "max_shard_size", "5GB")),
+            allow_pickle=args.allow_pickle,
+            force=getattr(args, "force", False),
+            progress=report,
+        )
+        bar.total = bar.n  # the pickle and headers are not counted: end the bar at 100 %
+        bar.refresh()
+    for path in written:
+        print(f"wrote {path} ({human_size(os.path.getsize(path))})")
     return 0

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lightning_ckpt.cli._common import format_table, human_size, resolve_dir
-from lightning_ckpt.manifest import Manifest
+from lightning_ckpt.manifest import LogicalTensor, Manifest
 from lightning_ckpt.reader import read_manifest
 from lightning_ckpt.storage import Storage
 
@@ -56,13 +56,22 @@ def inspect_checkpoint(path: str, storage_options: dict[str, Any] | None = None)
         "format_version": manifest.format_version,
         "total_bytes": manifest.total_bytes,
         "files": [dataclasses.asdict(f) for f in manifest.files],
-        "tensors": [
-            {"key": t.key, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes, "file": t.file}
-            for t in manifest.tensors.values()
-        ],
+        "tensors": [_tensor_info(t) for t in manifest.logical_tensors().values()],
         "object_keys": _object_keys(storage, ckpt_dir, manifest),
         "versions": dict(manifest.versions),
         "metadata": dict(manifest.metadata),
+    }
+
+
+def _tensor_info(tensor: LogicalTensor) -> dict[str, Any]:
+    """One tensor: global shape, bytes, the file of its first chunk, and how many chunks hold it."""
+    return {
+        "key": tensor.key,
+        "dtype": tensor.dtype,
+        "shape": list(tensor.shape),
+        "nbytes": tensor.nbytes,
+        "file": tensor.pieces[0].file,
+        "chunks": len(tensor.pieces),
     }
 
 
@@ -80,8 +89,11 @@ def _print_inspect(info: dict[str, Any]) -> None:
     files = [[f["name"], human_size(f["size"]), f["checksum"], str(f["rank"])] for f in info["files"]]
     print(format_table(["NAME", "SIZE", "CHECKSUM", "RANK"], files))
     print(f"\ntensors ({len(info['tensors'])})")
-    tensors = [[t["key"], t["dtype"], str(tuple(t["shape"])), human_size(t["nbytes"])] for t in info["tensors"]]
-    print(format_table(["KEY", "DTYPE", "SHAPE", "BYTES"], tensors))
+    tensors = [
+        [t["key"], t["dtype"], str(tuple(t["shape"])), human_size(t["nbytes"]), str(t["chunks"])]
+        for t in info["tensors"]
+    ]
+    print(format_table(["KEY", "DTYPE", "SHAPE", "BYTES", "CHUNKS"], tensors))
     keys = info["object_keys"]
     print("\nnon-tensor keys: " + (", ".join(keys) if isinstance(keys, list) else keys))
     print("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())))
