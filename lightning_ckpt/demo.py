@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 if TYPE_CHECKING:
     from lightning_ckpt import ShardedCheckpointIO
@@ -36,12 +36,14 @@ if TYPE_CHECKING:
 __all__ = ["EpochShuffleSampler", "TinyRegressor", "build_trainer", "main", "state_of"]
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler[int]):
     """Shuffles with a seed derived from the epoch, so a resumed run sees the same order.
 
-    ``skip`` samples are left out of the next pass only: that is how a run resumed from a
-    mid-epoch checkpoint continues where it stopped (Lightning restarts a plain data loader from
-    its first batch and warns that the loader is not resumable).
+    Under data parallelism each rank takes every ``num_replicas``-th sample of the shuffled order
+    (padded so the ranks get equal counts), as ``DistributedSampler`` does; being one, Lightning
+    uses it as it is instead of wrapping it. ``skip`` samples of this rank's share are left out of
+    the next pass only: that is how a run resumed from a mid-epoch checkpoint continues where it
+    stopped (Lightning restarts a plain data loader from its first batch).
 
     Example:
         >>> s = EpochShuffleSampler(4, seed=0); s.set_epoch(1)
@@ -49,21 +51,21 @@ class EpochShuffleSampler(Sampler[int]):
         True
         >>> s.skip = 3; len(list(s)), len(list(s))
         (1, 4)
+        >>> halves = [list(EpochShuffleSampler(4, num_replicas=2, rank=r)) for r in (0, 1)]
+        >>> sorted(halves[0] + halves[1]) == [0, 1, 2, 3]
+        True
     """
 
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch, self.skip = size, seed, 0, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.size, self.seed, self.skip = size, seed, 0
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        order += order[: self.total_size - len(order)]  # pad as DistributedSampler does
         skip, self.skip = self.skip, 0
-        return iter(torch.randperm(self.size, generator=g).tolist()[skip:])
-
-    def __len__(self) -> int:
-        return self.size
+        return iter(order[self.rank : self.total_size : self.num_replicas][skip:])
 
 
 class TinyRegressor(L.LightningModule):
@@ -104,14 +106,16 @@ class TinyRegressor(L.LightningModule):
         return TensorDataset(x, x.sum(dim=1, keepdim=True).sin())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Remember how far into its epoch a mid-epoch checkpoint was, to skip those samples."""
+        """Remember how far into its epoch a mid-epoch checkpoint was, to skip those samples (per rank)."""
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
         done = progress.get("current", {}).get("processed", 0)
         self._resume_skip = 0 if progress.get("is_last_batch") else done * self.hparams["batch_size"]
 
     def train_dataloader(self) -> DataLoader[Any]:
         data = self._data(1)
-        sampler = EpochShuffleSampler(len(data))
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        ranks = getattr(strategy, "distributed_sampler_kwargs", None) or {}
+        sampler = EpochShuffleSampler(len(data), num_replicas=ranks.get("num_replicas", 1), rank=ranks.get("rank", 0))
         sampler.skip = getattr(self, "_resume_skip", 0)
         return DataLoader(data, batch_size=self.hparams["batch_size"], sampler=sampler)
 

@@ -9,7 +9,9 @@ only the chunks its shards need), restores the other entries of ``state`` and re
 as Fabric's own loader does; a DCP directory with ``meta.pt`` or a single file goes to Fabric's loader.
 
 Example:
-    >>> strategy = ShardedModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    >>> def parallelize(model, device_mesh):  # your fully_shard / parallelize_module calls
+    ...     return model
+    >>> strategy = ShardedModelParallelStrategy(parallelize, data_parallel_size=2, tensor_parallel_size=1)
     >>> type(strategy.sharded_io).__name__
     'ShardedCheckpointIO'
 """
@@ -37,7 +39,8 @@ class ShardedModelParallelStrategy(ModelParallelStrategy):
 
     Example:
         >>> from lightning.fabric import Fabric
-        >>> fabric = Fabric(strategy=ShardedModelParallelStrategy(), accelerator="cpu", devices=1)
+        >>> strategy = ShardedModelParallelStrategy(lambda model, device_mesh: model)
+        >>> fabric = Fabric(strategy=strategy, accelerator="cpu", devices=1)
         >>> type(fabric.strategy).__name__
         'ShardedModelParallelStrategy'
     """
