@@ -135,7 +135,11 @@ def test_resume_from_s3_with_ranged_reads(uninterrupted: Path, tmp_path: Path, s
              "--local-folder", str(tmp_path / "local")]  # fmt: skip
     killed = run_fsdp2(*place, "--epochs", "3", "--kill-rank", "1", "--kill-at", "6")
     assert killed.returncode != 0
+    shutil.rmtree(tmp_path / "local")  # a fresh node: the checkpoint is only in the bucket
+    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
     _ok(run_fsdp2(*place, "--epochs", "3", "--resume"))
+    fetched = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and "downloads" in p.parts]
+    assert not [name for name in fetched if name.startswith("shard-")], f"chunks are read by range: {fetched}"
     remote = read_checkpoint(f"{s3_bucket.url}/run/ep2-ba{STEPS}", storage_options=s3_bucket.storage_options,
                              weights_only=False)  # fmt: skip
     assert_same_training_state(remote, final(uninterrupted))
