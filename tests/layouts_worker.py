@@ -4,8 +4,9 @@ Each phase is a JSON object on the command line: ``layout`` (``tp``: tensor para
 ``parallelize_module``, ``net.2.weight`` as ``Shard(1)``; ``fsdp2``: ``fully_shard``, ``Shard(0)``;
 ``fsdp2-bf16-sgd``: FSDP2 with bf16 parameters and plain SGD, whose optimizer state is empty; ``fsdp1``:
 ``FSDPStrategy(state_dict_type="sharded")`` through a test-only subclass that puts FSDP on the CPU),
-``folder``, ``epochs``, and optionally ``ckpt_path`` and ``dump_loaded`` (each rank writes the full
-weights it holds when training starts, i.e. right after resuming). Phases share the process group, which
+``folder``, ``epochs``, and optionally ``ckpt_path``, ``async_save`` (the saver's; default on),
+``slow_writes_s`` (each rank waits that long before writing its shard) and ``dump_loaded`` (each rank
+writes the full weights and optimizer state it holds when training starts, i.e. right after resuming). Phases share the process group, which
 saves a launch per phase (the expensive part of a multi-process test).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import lightning as L
@@ -115,9 +117,20 @@ MODELS = {"tp": TensorParallelRegressor, "fsdp2": FullyShardedRegressor, "fsdp2-
           "fsdp1": TinyRegressor}  # fmt: skip
 
 
+def _slow_writes(seconds: float) -> None:
+    """Each rank waits ``seconds`` before writing its shard (on the writer thread of an async save), so
+    training certainly changes the parameters while the save is in flight."""
+    from lightning_ckpt import _faults
+
+    _faults.install(lambda point, rank, writing: time.sleep(seconds) if point == "shard.before" else None)
+
+
 def run_phase(phase: dict[str, Any]) -> None:
     L.seed_everything(0, verbose=False)
-    saver = CheckpointSaver(folder=phase["folder"], save_interval="1ep", run_name=phase["layout"])
+    if phase.get("slow_writes_s"):
+        _slow_writes(phase["slow_writes_s"])
+    saver = CheckpointSaver(folder=phase["folder"], save_interval="1ep", run_name=phase["layout"],
+                            async_save=phase.get("async_save", True))  # fmt: skip
     callbacks: list[L.Callback] = [saver]
     if phase.get("dump_loaded"):
         callbacks.append(DumpLoaded(phase["dump_loaded"]))
@@ -133,6 +146,7 @@ def run_phase(phase: dict[str, Any]) -> None:
     model = MODELS[phase["layout"]]()
     try:
         trainer.fit(model, ckpt_path=phase.get("ckpt_path"))
+        trainer.strategy.checkpoint_io.teardown()  # the last asynchronous save is committed
     except Exception as err:
         sys.stderr.write(f"FAILED rank={trainer.global_rank} phase={json.dumps(phase)}: {err}\n")
         sys.stderr.flush()

@@ -44,6 +44,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         phase("fsdp2", "v1-to-fsdp2", 2, ckpt_path=str(v1 / "ep0-ba8"), dump_loaded=str(root / "v1f")),
         phase("fsdp2-bf16-sgd", "bf16"),
         phase("fsdp2-bf16-sgd", "bf16-resumed", ckpt_path=str(root / "bf16/ckpts/ep1-ba8")),
+        json.dumps({**json.loads(phase("fsdp2", "fsdp2")), "async_save": False}),
+        json.dumps({**json.loads(phase("fsdp2", "fsdp2-async")), "async_save": True, "slow_writes_s": 0.5}),
         phase("fsdp1", "fsdp1"),
         phase("fsdp1", "fsdp1-resumed", ckpt_path=str(root / "fsdp1/ckpts/ep1-ba8")),
     ]
@@ -123,6 +125,14 @@ def test_bf16_parameters_and_an_optimizer_without_state_resume_bitwise(runs: Pat
     resumed, uninterrupted = ended(runs, "bf16-resumed", "ep2-ba12"), ended(runs, "bf16", "ep2-ba12")
     assert uninterrupted["optimizer_states"][0]["state"] == {}
     assert_same_run(resumed, uninterrupted)
+
+
+def test_asynchronous_sharded_saves_are_point_in_time_snapshots(runs: Path) -> None:
+    """Training goes on (and changes every parameter and AdamW value in place) while the chunks of an
+    asynchronous save wait 0.5 s to be written; each checkpoint still holds the values of its step, as a
+    synchronous run's does."""
+    for name in ("ep0-ba4", "ep1-ba8", "ep2-ba12"):
+        assert_same_run(ended(runs, "fsdp2-async", name), ended(runs, "fsdp2", name))
 
 
 def test_fsdp1_sharded_state_writes_each_ranks_chunks_and_resumes_bitwise(runs: Path) -> None:
