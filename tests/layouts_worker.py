@@ -6,8 +6,8 @@ Each phase is a JSON object on the command line: ``layout`` (``tp``: tensor para
 ``FSDPStrategy(state_dict_type="sharded")`` through a test-only subclass that puts FSDP on the CPU),
 ``folder``, ``epochs``, and optionally ``ckpt_path``, ``async_save`` (the saver's; default on),
 ``slow_writes_s`` (each rank waits that long before writing its shard) and ``dump_loaded`` (each rank
-writes the full weights and optimizer state it holds when training starts, i.e. right after resuming). Phases share the process group, which
-saves a launch per phase (the expensive part of a multi-process test).
+writes the full weights and optimizer state it holds when training starts, i.e. right after resuming).
+Phases share the process group, which saves a launch per phase (the expensive part of a multi-process test).
 """
 
 from __future__ import annotations
