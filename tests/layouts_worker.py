@@ -56,6 +56,19 @@ class FullyShardedRegressor(TinyRegressor):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])
 
 
+class HybridShardedRegressor(FullyShardedRegressor):
+    """HSDP: FSDP2 over the whole 2-D mesh of ``ModelParallelStrategy(2, 2)``, its first dimension replicating
+    (``Replicate()``) and its second sharding (``Shard(0)``): ranks 0 and 2 hold the same chunks, as do 1 and 3."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.net:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=self.device_mesh)
+        fully_shard(self.net, mesh=self.device_mesh)
+
+
 class Bf16SgdRegressor(FullyShardedRegressor):
     """FSDP2 with bfloat16 parameters and plain SGD (no momentum: the optimizer has no state at all)."""
 
@@ -108,12 +121,15 @@ class DumpLoaded(L.Callback):
 def _strategy(layout: str) -> Any:
     if layout == "tp":
         return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    if layout == "hsdp":
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=2)
     if layout == "fsdp1":
         return CpuFSDPStrategy(state_dict_type="sharded", auto_wrap_policy={torch.nn.Linear})
     return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
 
 MODELS = {"tp": TensorParallelRegressor, "fsdp2": FullyShardedRegressor, "fsdp2-bf16-sgd": Bf16SgdRegressor,
+          "hsdp": HybridShardedRegressor,
           "fsdp1": TinyRegressor}  # fmt: skip
 
 
@@ -140,7 +156,7 @@ def run_phase(phase: dict[str, Any]) -> None:
         callbacks=callbacks,
         plugins=[ShardedCheckpointIO()],
         strategy=_strategy(phase["layout"]),
-        devices=2,
+        devices=int(os.environ["WORLD_SIZE"]),
         limit_val_batches=0,
     )
     model = MODELS[phase["layout"]]()

@@ -1,6 +1,7 @@
 """Every sharded layout the package saves, in one 2-rank launch (torchrun, gloo, CPU): tensor parallel,
-FSDP2 with bf16 parameters and plain SGD, FSDP1 in sharded mode, and loads across layouts
-(TP ``Shard(1)`` into FSDP2 ``Shard(0)``; a format-v1 checkpoint of plain tensors into FSDP2).
+FSDP2 with bf16 parameters and plain SGD, FSDP2 saving asynchronously, FSDP1 in sharded mode, and loads
+across layouts (TP ``Shard(1)`` into FSDP2 ``Shard(0)``; a format-v1 checkpoint of plain tensors into
+FSDP2); and HSDP in a 4-rank launch.
 
 Each "resumed" run starts from the uninterrupted run's epoch-1 checkpoint (``ckpt_path=<dir>``) and must end
 bitwise where the uninterrupted run ended: every parameter, optimizer value, loop counter (read back whole
@@ -10,6 +11,7 @@ in one process). The kill-a-rank path is in ``test_sharded.py``; here the layout
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -29,29 +31,37 @@ WORKER = str(Path(__file__).with_name("layouts_worker.py"))
 V1 = Path(__file__).with_name("data") / "format_v1"
 
 
+def launch(nproc: int, *phases: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    command += [f"--master_port={_free_port()}", WORKER, *phases]
+    _ok(subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, check=False))
+
+
+def phase(root: Path, layout: str, name: str, epochs: int = 3, **extra: Any) -> str:
+    return json.dumps({"layout": layout, "folder": str(root / name / "ckpts"), "epochs": epochs, **extra})
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("layouts")
     v1 = shutil.copytree(V1 / "ckpts", root / "v1-source", symlinks=True)
 
-    def phase(layout: str, name: str, epochs: int = 3, **extra: str) -> str:
-        return json.dumps({"layout": layout, "folder": str(root / name / "ckpts"), "epochs": epochs, **extra})
-
-    phases = [
-        phase("tp", "tp"),
-        phase("tp", "tp-resumed", ckpt_path=str(root / "tp/ckpts/ep1-ba16")),
-        phase("fsdp2", "tp-to-fsdp2", 2, ckpt_path=str(root / "tp/ckpts/ep0-ba8"), dump_loaded=str(root / "tp2f")),
-        phase("fsdp2", "v1-to-fsdp2", 2, ckpt_path=str(v1 / "ep0-ba8"), dump_loaded=str(root / "v1f")),
-        phase("fsdp2-bf16-sgd", "bf16"),
-        phase("fsdp2-bf16-sgd", "bf16-resumed", ckpt_path=str(root / "bf16/ckpts/ep1-ba8")),
-        json.dumps({**json.loads(phase("fsdp2", "fsdp2")), "async_save": False}),
-        json.dumps({**json.loads(phase("fsdp2", "fsdp2-async")), "async_save": True, "slow_writes_s": 0.5}),
-        phase("fsdp1", "fsdp1"),
-        phase("fsdp1", "fsdp1-resumed", ckpt_path=str(root / "fsdp1/ckpts/ep1-ba8")),
-    ]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    _ok(subprocess.run([*command, WORKER, *phases], capture_output=True, text=True, timeout=300, env=env, check=False))
+    launch(
+        2,
+        phase(root, "tp", "tp"),
+        phase(root, "tp", "tp-resumed", ckpt_path=str(root / "tp/ckpts/ep1-ba16")),
+        phase(
+            root, "fsdp2", "tp-to-fsdp2", 2, ckpt_path=str(root / "tp/ckpts/ep0-ba8"), dump_loaded=str(root / "tp2f")
+        ),
+        phase(root, "fsdp2", "v1-to-fsdp2", 2, ckpt_path=str(v1 / "ep0-ba8"), dump_loaded=str(root / "v1f")),
+        phase(root, "fsdp2-bf16-sgd", "bf16"),
+        phase(root, "fsdp2-bf16-sgd", "bf16-resumed", ckpt_path=str(root / "bf16/ckpts/ep1-ba8")),
+        phase(root, "fsdp2", "fsdp2", async_save=False),
+        phase(root, "fsdp2", "fsdp2-async", async_save=True, slow_writes_s=0.5),
+        phase(root, "fsdp1", "fsdp1"),
+        phase(root, "fsdp1", "fsdp1-resumed", ckpt_path=str(root / "fsdp1/ckpts/ep1-ba8")),
+    )
     return root
 
 
@@ -140,3 +150,25 @@ def test_fsdp1_sharded_state_writes_each_ranks_chunks_and_resumes_bitwise(runs: 
     assert layout["state_dict/net.0.weight"] == [([0, 0], [16, 16], SHARD0), ([16, 0], [16, 16], SHARD1)]
     assert layout["optimizer_states/0/state/net.0.weight/exp_avg"] == layout["state_dict/net.0.weight"]
     assert_same_run(ended(runs, "fsdp1-resumed", "ep2-ba12"), ended(runs, "fsdp1", "ep2-ba12"))
+
+
+def test_hsdp_replicas_are_written_once_balanced_across_all_ranks_and_resume_bitwise(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """4 ranks, ``ModelParallelStrategy(2, 2)`` with FSDP2 over the 2-D mesh: every chunk is held by two
+    ranks and written by one of them; all four write, balanced by bytes."""
+    root = tmp_path_factory.mktemp("hsdp")
+    launch(
+        4, phase(root, "hsdp", "hsdp"), phase(root, "hsdp", "hsdp-resumed", ckpt_path=str(root / "hsdp/ckpts/ep1-ba8"))
+    )
+    manifest = json.loads((root / "hsdp/ckpts/ep0-ba4/manifest.json").read_text())
+    written: dict[str, int] = {}
+    for tensor in manifest["tensors"]:
+        numel = [math.prod(c["sizes"]) for c in tensor["chunks"]]
+        assert sum(numel) == math.prod(tensor["shape"]), f"{tensor['key']}: covered exactly once"
+        for chunk in tensor["chunks"]:
+            written[chunk["file"]] = written.get(chunk["file"], 0) + chunk["nbytes"]
+    assert sorted(written) == [f"shard-{r:05d}-of-00004.safetensors" for r in range(4)], "every rank writes"
+    largest = max(c["nbytes"] for t in manifest["tensors"] for c in t["chunks"])
+    assert max(written.values()) - min(written.values()) <= largest, written
+    assert_same_run(ended(root, "hsdp-resumed", "ep2-ba12"), ended(root, "hsdp", "ep2-ba12"))
