@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -53,23 +53,36 @@ class PieceReader:
     def __init__(self, storage: Storage, ckpt_dir: str, manifest: Manifest, *, verify: bool = True) -> None:
         self.storage, self.ckpt_dir, self.manifest, self.verify = storage, ckpt_dir, manifest, verify
         self._whole_files_checked: set[str] = set()
+        self._queued: list[tuple[TensorEntry, Callable[[], None]]] = []
         self.bytes_read = 0
 
     def read(self, piece: TensorEntry) -> torch.Tensor:
         """The piece as a tensor of its own."""
-        path = self.storage.join(self.ckpt_dir, piece.file)
-        data = bytearray(self.storage.read_range(path, piece.offset, piece.nbytes))
-        self.bytes_read += len(data)
-        if len(data) != piece.nbytes:
-            raise CorruptCheckpointError(f"{self.storage.url(path)} ended before byte {piece.offset + piece.nbytes}")
-        if self.verify:
-            self._check(piece, data)
         dtype = getattr(torch, piece.dtype)
-        if not data:
+        if not piece.nbytes:
             return torch.empty(piece.shape, dtype=dtype)
+        data = bytearray(piece.nbytes)
+        self._read_into(piece, memoryview(data))
         return torch.frombuffer(data, dtype=dtype).reshape(piece.shape)
 
-    def _check(self, piece: TensorEntry, data: bytearray) -> None:
+    def read_into(self, piece: TensorEntry, target: torch.Tensor) -> None:
+        """Read the piece straight into ``target``'s memory (a contiguous CPU tensor of the piece's shape and dtype).
+
+        Locally that is one ``preadv`` into the tensor and a CRC32 over it, with no copy in between.
+        """
+        if piece.nbytes:
+            self._read_into(piece, target.detach().reshape(-1).view(torch.uint8).numpy().data)
+
+    def _read_into(self, piece: TensorEntry, buffer: memoryview) -> None:
+        path = self.storage.join(self.ckpt_dir, piece.file)
+        got = self.storage.read_range_into(path, piece.offset, buffer)
+        self.bytes_read += got
+        if got != piece.nbytes:
+            raise CorruptCheckpointError(f"{self.storage.url(path)} ended before byte {piece.offset + piece.nbytes}")
+        if self.verify:
+            self._check(piece, buffer)
+
+    def _check(self, piece: TensorEntry, data: memoryview) -> None:
         if piece.crc32 is None:  # format v1: only the file has a CRC
             if piece.file not in self._whole_files_checked:
                 read_whole(self.storage, self.ckpt_dir, self.manifest.file(piece.file), True)
@@ -90,7 +103,8 @@ class PieceReader:
         return assemble(tensor.shape, getattr(torch, tensor.dtype), [(p.offsets, self.read(p)) for p in tensor.pieces])
 
     def fill(self, key: str, tensor: LogicalTensor, target: Any) -> None:
-        """Copy the stored values into ``target`` (a DTensor, ShardedTensor or tensor of the same global shape)."""
+        """Queue copying the stored values into ``target`` (a DTensor, ShardedTensor or tensor of the same global
+        shape); :meth:`run_queued` reads them."""
         kind = distributed_tensor_kind(target)
         shape = tuple(target.size() if kind == "ShardedTensor" else target.shape)
         dtype = str(target.dtype).removeprefix("torch.")
@@ -101,8 +115,35 @@ class PieceReader:
             )
         for offsets, region in local_regions(target):
             for piece in tensor.pieces:
-                if region.numel() and overlap(piece.offsets, piece.shape, offsets, region.shape) is not None:
-                    copy_overlap(piece.offsets, self.read(piece).to(region.device), offsets, region)
+                if not region.numel() or overlap(piece.offsets, piece.shape, offsets, region.shape) is None:
+                    continue
+                self._queued.append((piece, self._copier(piece, offsets, region)))
+
+    def _copier(self, piece: TensorEntry, offsets: Sequence[int], region: torch.Tensor) -> Callable[[], None]:
+        if _is_exactly(piece, offsets, region):  # the same layout as saved: read into it, no copy in between
+            return lambda: self.read_into(piece, region)
+
+        def copy() -> None:
+            copy_overlap(piece.offsets, self.read(piece).to(region.device), offsets, region)
+
+        return copy
+
+    def run_queued(self) -> None:
+        """Do the queued reads in file order (one sequential pass over each file on a cold disk)."""
+        queued, self._queued = self._queued, []
+        for _, copy in sorted(queued, key=lambda item: (item[0].file, item[0].offset)):
+            copy()
+
+
+def _is_exactly(piece: TensorEntry, offsets: Sequence[int], region: torch.Tensor) -> bool:
+    """Whether ``piece`` is all of ``region`` and ``region`` is memory it can be read into directly."""
+    return (
+        tuple(piece.offsets) == tuple(offsets)
+        and tuple(piece.shape) == tuple(region.shape)
+        and region.device.type == "cpu"
+        and region.is_contiguous()
+        and str(region.dtype).removeprefix("torch.") == piece.dtype
+    )
 
 
 def load_in_place(
@@ -144,6 +185,7 @@ def load_in_place(
     skeleton = _skeleton(storage, ckpt_dir, manifest, weights_only)
     model_state = get_model_state_dict(module)
     _fill_model(reader, tensors, model_state, strict, module_key)
+    reader.run_queued()
     set_model_state_dict(module, model_state, options=StateDictOptions(strict=strict))
     for path, optimizer in zip(paths, optimizers, strict=True):
         saved = _at(skeleton, path)
@@ -154,7 +196,9 @@ def load_in_place(
             )
         state = get_optimizer_state_dict(module, optimizer)
         groups = _merged(reader, tensors, saved.get("param_groups", []))  # hyperparameters
-        set_optimizer_state_dict(module, optimizer, _optimizer_state(state, groups, path, reader, tensors))
+        filled = _optimizer_state(state, groups, path, reader, tensors)
+        reader.run_queued()
+        set_optimizer_state_dict(module, optimizer, filled)
     loaded_here = {module_key, *(path[0] for path in paths)}
     rest = {k: v for k, v in skeleton.items() if k not in loaded_here}
     return _merged(reader, tensors, rest)

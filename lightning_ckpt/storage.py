@@ -138,6 +138,15 @@ class Storage(ABC):
     def read_range(self, path: str, start: int, length: int) -> bytes:
         """``length`` bytes of file ``path`` from byte ``start`` (a ranged GET on an object store); fewer at its end."""
 
+    def read_range_into(self, path: str, start: int, buffer: memoryview) -> int:
+        """Fill ``buffer`` from byte ``start`` of file ``path``; returns how many bytes it holds (fewer at its end).
+
+        Local files are read straight into ``buffer`` (no copy in between), e.g. a tensor's own memory.
+        """
+        data = self.read_range(path, start, len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
     @abstractmethod
     def open_read(self, path: str) -> IO[bytes]:
         """File ``path`` open for reading (seekable)."""
@@ -240,6 +249,19 @@ class LocalStorage(Storage):
         fd = os.open(path, os.O_RDONLY)
         try:
             return os.pread(fd, length, start)
+        finally:
+            os.close(fd)
+
+    def read_range_into(self, path: str, start: int, buffer: memoryview) -> int:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(buffer):
+                n = os.preadv(fd, [buffer[done:]], start + done)
+                if n == 0:
+                    break
+                done += n
+            return done
         finally:
             os.close(fd)
 

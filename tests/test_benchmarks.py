@@ -129,3 +129,18 @@ def test_bench_many_tensors_smoke(tmp_path: Path) -> None:
         assert positive(rows[key]["save_s"]) and positive(rows[key]["load_s"]), (key, rows[key])
         assert rows[key]["correct"] is True, key
     assert os.listdir(tmp_path) == ["many.json"]  # scratch files removed
+
+
+@pytest.mark.timeout(180)
+def test_bench_sharded_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "sharded.json"
+    proc = run_script("bench_sharded.py", "--dir", str(tmp_path), "--json", str(out), timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| method | stall s | durable s |" in proc.stdout and "| ratio | value |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    for method in ("dcp_save", "dcp_async_save", "ours_sync", "ours_async", "limit_write"):
+        assert positive(rows[method]["durable_s"]), method
+        assert math.isfinite(rows[method]["peak_extra_mib"]["median"]), method
+    for method in ("dcp_load_cold", "ours_load_cold", "dcp_load_warm", "ours_load_warm"):
+        assert positive(rows[method]["load_s"]), method
+    assert os.listdir(tmp_path) == ["sharded.json"]  # scratch files removed

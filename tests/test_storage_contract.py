@@ -131,6 +131,9 @@ def test_read_range_returns_just_those_bytes(store: tuple[Storage, str], tmp_pat
     assert storage.read_range(path, 4096, 100) == data[4096:4196]
     assert storage.read_range(path, 0, 1) == data[:1] and storage.read_range(path, 9_990, 100) == data[9_990:]
     assert storage.read_range(path, 123, 0) == b""
+    into = bytearray(100)
+    assert storage.read_range_into(path, 4096, memoryview(into)) == 100 and into == data[4096:4196]
+    assert storage.read_range_into(path, 9_990, memoryview(into)) == 10 and into[:10] == data[9_990:]
 
 
 def test_pointer_write_and_read(store: tuple[Storage, str]) -> None:
