@@ -144,3 +144,15 @@ def test_bench_sharded_smoke(tmp_path: Path) -> None:
     for method in ("dcp_load_cold", "ours_load_cold", "dcp_load_warm", "ours_load_warm"):
         assert positive(rows[method]["load_s"]), method
     assert os.listdir(tmp_path) == ["sharded.json"]  # scratch files removed
+
+
+@pytest.mark.timeout(180)
+def test_bench_resume_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "resume.json"
+    proc = run_script("bench_resume.py", "--dir", str(tmp_path), "--json", str(out), timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| variant | start to first step s |" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    for variant in ("none", "ModelCheckpoint", "CheckpointSaver"):  # each resumed at step 2, or the script fails
+        assert positive(rows[variant]), variant
+    assert os.listdir(tmp_path) == ["resume.json"]  # scratch files removed
