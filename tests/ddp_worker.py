@@ -95,10 +95,14 @@ class ShardedRegressor(TinyRegressor):
     """TinyRegressor whose ``configure_model`` shards its layers with FSDP2 (``fully_shard``) on the
     ``data_parallel`` mesh of ``ModelParallelStrategy``: its state dict holds ``DTensor`` shards."""
 
+    def shard_mesh(self) -> Any:
+        """The mesh ``fully_shard`` shards over (HSDP passes the whole 2-D mesh)."""
+        return self.device_mesh["data_parallel"]
+
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
-        mesh = self.device_mesh["data_parallel"]
+        mesh = self.shard_mesh()
         for layer in self.net:
             if any(True for _ in layer.parameters()):
                 fully_shard(layer, mesh=mesh)

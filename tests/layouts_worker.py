@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_ckpt import CheckpointSaver, ShardedCheckpointIO
 from lightning_ckpt.demo import TinyRegressor, build_trainer
+from tests.ddp_worker import ShardedRegressor
 
 
 class TensorParallelRegressor(TinyRegressor):
@@ -40,17 +41,8 @@ class TensorParallelRegressor(TinyRegressor):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])
 
 
-class FullyShardedRegressor(TinyRegressor):
-    """TinyRegressor with each layer sharded by FSDP2 on the ``data_parallel`` mesh; AdamW."""
-
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if any(True for _ in layer.parameters()):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+class FullyShardedRegressor(ShardedRegressor):
+    """FSDP2 on the ``data_parallel`` mesh (``tests/ddp_worker.py``'s model), with AdamW."""
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])
@@ -60,13 +52,8 @@ class HybridShardedRegressor(FullyShardedRegressor):
     """HSDP: FSDP2 over the whole 2-D mesh of ``ModelParallelStrategy(2, 2)``, its first dimension replicating
     (``Replicate()``) and its second sharding (``Shard(0)``): ranks 0 and 2 hold the same chunks, as do 1 and 3."""
 
-    def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in self.net:
-            if any(True for _ in layer.parameters()):
-                fully_shard(layer, mesh=self.device_mesh)
-        fully_shard(self.net, mesh=self.device_mesh)
+    def shard_mesh(self) -> Any:
+        return self.device_mesh
 
 
 class Bf16SgdRegressor(FullyShardedRegressor):
