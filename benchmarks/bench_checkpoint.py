@@ -43,7 +43,9 @@ Figures per peer:
   then load and ``copy_`` every tensor into already-allocated tensors of the same shapes (what
   resuming costs); ``TorchCheckpointIO.load_checkpoint`` (``torch.load``), ``torch.load(mmap=True)``
   for ``torch.save``, ``safetensors.torch.load_file``, ``dcp.load`` in place into the preallocated
-  tensors, ``ShardedCheckpointIO.load_checkpoint``;
+  tensors; ours two ways: the ``ours_sync`` row is ``lightning_ckpt.load_into`` in place into the
+  preallocated tensors (as ``dcp.load``), the ``ours_async`` row is ``ShardedCheckpointIO.load_checkpoint``
+  (the dict Lightning's restore gets) + ``copy_``;
 * **peak extra RSS**: the process's peak resident set (``VmHWM``, reset per save through
   ``/proc/self/clear_refs``) from the call's start to durable, minus the RSS with the state resident
   measured before the peer's first save (buffers a saver keeps between saves count);
@@ -326,7 +328,12 @@ class OursPeer(Peer):
         return float(durable) if durable is not None else None
 
     def load_into(self, path: str) -> None:
-        copy_into(self.io.load_checkpoint(path), self.ctx.targets)
+        if self.async_flag:  # the dict a CheckpointIO returns, copied into the state (what Lightning's restore does)
+            copy_into(self.io.load_checkpoint(path), self.ctx.targets)
+        else:  # in place into the existing tensors, as dcp.load
+            from lightning_ckpt import load_into
+
+            load_into(path, self.ctx.target_tree)
 
     def close(self) -> None:
         try:
@@ -420,6 +427,7 @@ def measure_peer(cls: type[Peer], ctx: Ctx, reps: int, warmup: int, rss: PeakRSS
                 if timed:
                     normal.append(time.perf_counter() - start)
             ctx.barrier()
+            malloc_trim(collect=False)  # heap an earlier rep's load freed is not a buffer the saver keeps
             rss.reset()
             start = time.perf_counter()
             step(tensors)
@@ -734,6 +742,12 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float | None]:
             med(r, "torch_io", "load_s"), med(r, "ours_sync", "load_s")
         )
         out["dcp.load / ours load"] = ratio(med(r, "dcp", "load_s"), med(r, "ours_sync", "load_s"))
+        out["ours dict load (load_checkpoint + copy_) / ours load"] = ratio(
+            med(r, "ours_async", "load_s"), med(r, "ours_sync", "load_s")
+        )
+        out["TorchCheckpointIO load (torch.load) / ours dict load"] = ratio(
+            med(r, "torch_io", "load_s"), med(r, "ours_async", "load_s")
+        )
     for world, rows in results.items():
         out[f"{world} rank(s) verify_replicas=True / ours_sync durable"] = ratio(
             med(rows.get("rows", {}), "ours_verify", "durable_s"), med(rows.get("rows", {}), "ours_sync", "durable_s")
