@@ -11,7 +11,8 @@ Example:
     >>> from types import SimpleNamespace
     >>> from lightning_ckpt.transfer import DEFAULT_POLICY
     >>> settings = SimpleNamespace(cache_dir="/local/nvme/ckpt-cache", storage_options={},
-    ...                            num_concurrent_uploads=4, upload_timeout_s=3600.0, upload_retry=DEFAULT_POLICY)
+    ...                            num_concurrent_uploads=4, upload_timeout_s=3600.0, upload_retry=DEFAULT_POLICY,
+    ...                            max_upload_backlog=4)
     >>> RemoteMirror(settings).cache_for("s3://bucket/runs/a", "uploads")
     '/local/nvme/ckpt-cache/uploads/4d896d9c6b21898f'
 """
@@ -58,6 +59,8 @@ class MirrorSettings(Protocol):
     def upload_timeout_s(self) -> float: ...
     @property
     def upload_retry(self) -> RetryPolicy: ...
+    @property
+    def max_upload_backlog(self) -> int: ...
 
 
 class RemoteMirror:
@@ -78,25 +81,31 @@ class RemoteMirror:
         local_root = local_folder or self.cache_for(remote_folder, "uploads")
         return os.path.join(local_root, remote_storage.basename(remote_target))
 
-    def _upload_settings(self) -> tuple[int, float, RetryPolicy]:
+    def _upload_settings(self) -> tuple[int, float, RetryPolicy, int]:
         s = self.settings
-        return s.num_concurrent_uploads, s.upload_timeout_s, s.upload_retry
+        return s.num_concurrent_uploads, s.upload_timeout_s, s.upload_retry, s.max_upload_backlog
 
     def uploader(self, remote_folder_url: str) -> Uploader:
         """This rank's uploader for a remote folder, made on first use and remade when the settings changed."""
         current = self._uploaders.get(remote_folder_url)
         wanted = self._upload_settings()
-        if current is not None and (current.num_concurrent_uploads, current.upload_timeout_s, current.policy) == wanted:
+        if (
+            current is not None
+            and (current.num_concurrent_uploads, current.upload_timeout_s, current.policy, current.max_backlog)
+            == wanted
+        ):
             return current
         storage, folder = Storage.open(remote_folder_url, self.settings.storage_options)
-        uploads, timeout_s, policy = wanted
-        fresh = Uploader(storage, folder, num_concurrent_uploads=uploads, upload_timeout_s=timeout_s, policy=policy)
+        uploads, timeout_s, policy, backlog = wanted
+        fresh = Uploader(storage, folder, num_concurrent_uploads=uploads, upload_timeout_s=timeout_s, policy=policy,
+                         max_backlog=backlog)  # fmt: skip
         self._uploaders[remote_folder_url] = fresh
         if current is not None:
             try:
                 current.close()  # its queued uploads finish first: checkpoints reach the store in order
             finally:
                 fresh.committed[:0] = current.committed  # local copies of those are still pruned
+                fresh.skipped[:0] = current.skipped
         return fresh
 
     def submit_upload(
@@ -110,8 +119,12 @@ class RemoteMirror:
         after_commit: Callable[[], None] | None,
         stats: SaveStats | None,
         on_uploaded: Callable[[SaveStats, bool], None],
+        supersedable: bool = False,
     ) -> None:
-        """Queue the upload of a locally committed checkpoint of a remote folder (on every rank of its group)."""
+        """Queue the upload of a locally committed checkpoint of a remote folder (on every rank of its group).
+
+        With ``supersedable``, a newer checkpoint queued before this upload starts replaces it
+        (:class:`~lightning_ckpt.upload.UploadJob`)."""
         remote_folder = remote_storage.url(remote_storage.dirname(remote_target))
         name = remote_storage.basename(remote_target)
         local_root = os.path.dirname(local.path)
@@ -119,10 +132,11 @@ class RemoteMirror:
         if stats is not None:  # its log line and metrics describe the checkpoint in the store
             stats.path = remote_storage.url(remote_target)
 
-        def committed_remotely() -> None:
+        def committed_remotely() -> None:  # also run after a newer commit when this upload was skipped
             if after_commit is not None:
                 after_commit()
-            prune_local_copies(local_root, keep=name, uploaded=uploader.committed)
+            newest = uploader.committed[-1] if uploader.committed else name
+            prune_local_copies(local_root, keep=newest, uploaded=[*uploader.committed, *uploader.skipped])
 
         uploader.submit(
             UploadJob(
@@ -136,6 +150,7 @@ class RemoteMirror:
                 after_commit=committed_remotely,
                 stats=stats,
                 on_uploaded=on_uploaded,
+                supersedable=supersedable,
             )
         )
 

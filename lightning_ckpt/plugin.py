@@ -69,6 +69,10 @@ class ShardedCheckpointIO(CheckpointIO):
         writer_hooks: :class:`~lightning_ckpt.WriterHook` instances called around each collective commit.
         num_concurrent_uploads: files each rank uploads at once (each one multipart-parallel).
         upload_timeout_in_seconds: bound on waiting for uploads (per checkpoint, and at fit end).
+        max_upload_backlog: the most checkpoints queued or uploading at once on a rank; a save that
+            would queue one more waits for the oldest (with a warning), so the local cache stays bounded.
+            :class:`~lightning_ckpt.CheckpointSaver` also lets a newer checkpoint replace queued uploads
+            that no retention rule keeps for good.
         cache_dir: local directory for checkpoints of remote folders (uploads and downloads);
             default ``~/.cache/lightning_ckpt``.
         upload_retry: how transient object-store failures are retried: uploads, manifest downloads and
@@ -108,6 +112,7 @@ class ShardedCheckpointIO(CheckpointIO):
         writer_hooks: Sequence[WriterHook] = (),
         num_concurrent_uploads: int = 4,
         upload_timeout_in_seconds: float = 3600.0,
+        max_upload_backlog: int = 4,
         cache_dir: str | None = None,
         upload_retry: RetryPolicy | None = None,
         async_save: bool = False,
@@ -119,6 +124,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self.upload_timeout_s = check_seconds("upload_timeout_in_seconds", upload_timeout_in_seconds, "3600")
         self.writer_hooks = check_hooks(writer_hooks)
         self.num_concurrent_uploads = check_count("num_concurrent_uploads", num_concurrent_uploads, "4")
+        self.max_upload_backlog = check_count("max_upload_backlog", max_upload_backlog, "4")
         example = "'/local/nvme/lightning_ckpt' or None (~/.cache/lightning_ckpt)"
         self.cache_dir = check_directory("cache_dir", cache_dir, example) or default_cache_dir()
         if upload_retry is not None and not isinstance(upload_retry, RetryPolicy):
@@ -224,6 +230,7 @@ class ShardedCheckpointIO(CheckpointIO):
         after_commit: Callable[[], None] | None = None,
         async_save: bool | None = None,
         replicated: Collection[str] | ReplicatedTest | None = None,
+        supersedable: bool = False,
     ) -> PendingSave:
         """Save from every rank at once (all ranks call it together); returns a pending-save handle.
 
@@ -236,6 +243,8 @@ class ShardedCheckpointIO(CheckpointIO):
         checkpoint; other nodes keep their newest copy for a local resume. ``after_commit`` runs on
         the committing rank once the checkpoint is committed where it is kept (in the store for a
         remote ``path``): the place for rotation. ``async_save`` overrides the plugin's setting.
+        ``supersedable``: a newer checkpoint queued before this one's upload starts replaces it (it is
+        never uploaded; its ``after_commit`` runs after the next remote commit).
 
         ``replicated`` names the tensors that are identical on every rank by construction (keys as
         ``lightning-ckpt inspect`` shows them, e.g. ``"state_dict/layer.weight"``, or a test
@@ -275,7 +284,7 @@ class ShardedCheckpointIO(CheckpointIO):
             else:
                 self.mirror.submit_upload(result, remote_storage, remote_target, pointer=latest_filename,
                                            key=upload_key, after_commit=after_commit, stats=stats,
-                                           on_uploaded=self._record_upload)  # fmt: skip
+                                           on_uploaded=self._record_upload, supersedable=supersedable)  # fmt: skip
 
         pending = self._pipeline.run(
             prepare, asynchronous=asynchronous, committed=committed, step=_step_of(checkpoint), uploads=remote

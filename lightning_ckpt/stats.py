@@ -36,6 +36,11 @@ class SaveStats:
         step: the global step the checkpoint holds (``None`` if the checkpoint dict has none).
         upload_s: uploading this rank's files of a remote checkpoint; ``None`` until uploaded.
         upload_bytes: bytes this rank uploaded.
+        upload_lag_s: from the local commit to the remote commit (committing rank; ``None`` until then):
+            how far the store is behind the local disk.
+        upload_lag_steps: steps between the newest checkpoint committed locally and this one, when this one
+            was committed remotely.
+        upload_backlog: checkpoints submitted for upload after this one and not yet done at its remote commit.
     """
 
     path: str
@@ -48,6 +53,9 @@ class SaveStats:
     step: int | None = None
     upload_s: float | None = None
     upload_bytes: int = 0
+    upload_lag_s: float | None = None
+    upload_lag_steps: int | None = None
+    upload_backlog: int = 0
 
     def finished(self, *, write_s: float, durable_s: float) -> None:
         """Record the end of the write and commit."""
@@ -70,7 +78,12 @@ class SaveStats:
         barrier and commit; ``commit_s`` the time from the save call to the durable commit.
         """
         if upload:
-            return {"checkpoint/upload_s": self.upload_s or 0.0, "checkpoint/upload_GBps": self.upload_gbps}
+            metrics = {"checkpoint/upload_s": self.upload_s or 0.0, "checkpoint/upload_GBps": self.upload_gbps}
+            if self.upload_lag_s is not None:  # the committing rank's: how far the store is behind
+                metrics["checkpoint/upload_lag_s"] = self.upload_lag_s
+                metrics["checkpoint/upload_lag_steps"] = float(self.upload_lag_steps or 0)
+                metrics["checkpoint/upload_backlog"] = float(self.upload_backlog)
+            return metrics
         return {
             "checkpoint/stall_s": self.blocking_s,
             "checkpoint/write_s": self.write_s or 0.0,
@@ -88,4 +101,6 @@ class SaveStats:
         )
         if self.upload_s is not None:
             line += f"; upload {self.upload_s:.2f} s ({self.upload_gbps:.2f} GB/s)"
+        if self.upload_lag_s is not None:
+            line += f", in the store {self.upload_lag_s:.2f} s after the local commit ({self.upload_backlog} queued)"
         return line

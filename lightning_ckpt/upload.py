@@ -31,18 +31,20 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lightning_ckpt import _faults, layout
 from lightning_ckpt.commit import ManifestLastCommit
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CollectiveError, UploadError  # UploadError re-exported: its home was here
+from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import DEFAULT_POLICY, RetryPolicy, put_file, with_retries
@@ -51,7 +53,8 @@ __all__ = ["UploadError", "UploadJob", "Uploader"]
 
 log = logging.getLogger("lightning_ckpt")
 
-_REPORT = "uploaded"  # the phase of each rank's report: "ok" or its error
+_REPORT = "uploaded"  # the phase of each rank's report: "ok", "skipped" or its error
+_SKIP = "superseded"  # announced by the committing rank when a newer checkpoint replaces this upload
 
 
 @dataclass
@@ -70,6 +73,10 @@ class UploadJob:
         after_commit: work to run once committed remotely (rotation); committing rank only.
         stats: the save's :class:`~lightning_ckpt.stats.SaveStats`, given this rank's upload time and bytes.
         on_uploaded: called with ``stats`` and whether this rank committed, once this rank's part is done.
+        supersedable: a newer checkpoint submitted before this upload starts replaces it: it is not
+            uploaded (no retention rule needs it for good). The committing rank decides, once, when it
+            picks the job up; the other members stop at their next file. Its ``after_commit`` then runs
+            after the next remote commit, and its local copy is pruned with the uploaded ones.
     """
 
     local_dir: str
@@ -82,6 +89,10 @@ class UploadJob:
     after_commit: Callable[[], None] | None = None
     stats: SaveStats | None = None
     on_uploaded: Callable[[SaveStats, bool], None] | None = None
+    supersedable: bool = False
+    sequence: int = field(default=0, init=False)  # set by Uploader.submit: the order of submission
+    submitted_at: float = field(default=0.0, init=False)  # time.monotonic() at submission (the local commit)
+    started: bool = field(default=False, init=False)  # picked up by the upload thread
 
     @property
     def rank(self) -> int:
@@ -98,6 +109,8 @@ class Uploader:
         num_concurrent_uploads: files uploaded at once.
         upload_timeout_s: bound on waiting for one checkpoint's uploads (all ranks) and on ``wait``.
         policy: retry policy for each file.
+        max_backlog: the most checkpoints queued or uploading at once; :meth:`submit` waits (bounded by
+            ``upload_timeout_s``, with a warning) while that many are, so the local cache stays bounded.
     """
 
     def __init__(
@@ -108,8 +121,9 @@ class Uploader:
         num_concurrent_uploads: int = 4,
         upload_timeout_s: float = 3600.0,
         policy: RetryPolicy = DEFAULT_POLICY,
+        max_backlog: int = 4,
     ) -> None:
-        self.storage, self.remote_folder = storage, remote_folder
+        self.storage, self.remote_folder, self.max_backlog = storage, remote_folder, max_backlog
         self.num_concurrent_uploads, self.upload_timeout_s, self.policy = (
             num_concurrent_uploads,
             upload_timeout_s,
@@ -117,18 +131,59 @@ class Uploader:
         )
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightning_ckpt-upload")
         self._files = ThreadPoolExecutor(max_workers=num_concurrent_uploads, thread_name_prefix="lightning_ckpt-put")
-        self._pending: list[Future[None]] = []
+        self._pending: list[tuple[Future[None], UploadJob]] = []
         self._errors: list[BaseException] = []
         self._lock = threading.Lock()
         self.committed: list[str] = []
+        self.skipped: list[str] = []  # superseded before their upload started: never committed in the store
+        self._deferred: list[Callable[[], None]] = []  # skipped jobs' after_commit, run at the next commit
+        self._submitted = 0
+        self._newest_step: int | None = None
 
     def submit(self, job: UploadJob) -> Future[None]:
-        """Queue ``job``; raises first if an earlier upload failed (the error is reported once)."""
+        """Queue ``job``; raises first if an earlier upload failed (the error is reported once).
+
+        While ``max_backlog`` checkpoints are queued or uploading, waits for the oldest first.
+        """
         self.check()
+        self._wait_for_room()
+        with self._lock:
+            self._submitted += 1
+            job.sequence, job.submitted_at = self._submitted, time.monotonic()
+            step = job.stats.step if job.stats is not None else None
+            if step is not None:
+                self._newest_step = max(step, self._newest_step if self._newest_step is not None else step)
         future = self._jobs.submit(self._run, job)
         with self._lock:
-            self._pending = [f for f in self._pending if not f.done()] + [future]
+            self._pending = [(f, j) for f, j in self._pending if not f.done()] + [(future, job)]
         return future
+
+    @property
+    def backlog(self) -> int:
+        """Checkpoints this rank still has to upload: the one uploading and those queued that a newer one
+        does not replace (a queued ``supersedable`` job is skipped once a newer one is submitted)."""
+        return len(self._to_upload())
+
+    def _to_upload(self) -> list[Future[None]]:
+        with self._lock:
+            live = [(f, j) for f, j in self._pending if not f.done()]
+        return [f for i, (f, j) in enumerate(live) if j.started or not j.supersedable or i == len(live) - 1]
+
+    def _wait_for_room(self) -> None:
+        pending = self._to_upload()
+        if len(pending) < self.max_backlog:
+            return
+        log.warning(
+            "Uploads to %s are behind: %d checkpoints to upload (max_upload_backlog=%d); the next save waits for"
+            " the oldest. Faster storage or fewer saves avoid this; with num_checkpoints_to_keep set, a newer"
+            " checkpoint replaces queued uploads that no retention rule keeps for good",
+            self.storage.url(self.remote_folder), len(pending), self.max_backlog,
+        )  # fmt: skip
+        for future in pending[: len(pending) - self.max_backlog + 1]:
+            try:
+                future.result(timeout=self.upload_timeout_s)
+            except Exception:
+                pass  # recorded by _run, raised by check()
 
     def check(self) -> None:
         """Raise the first background error not yet reported (with its own type)."""
@@ -141,7 +196,7 @@ class Uploader:
         """Block until every queued upload finished (or the timeout), logging progress; then :meth:`check`."""
         deadline = time.monotonic() + (self.upload_timeout_s if timeout_s is None else timeout_s)
         with self._lock:
-            pending = list(self._pending)
+            pending = [f for f, _ in self._pending]
         if pending:
             log.info("Waiting for %d checkpoint upload(s) to %s", len(pending), self.storage.url(self.remote_folder))
         for future in pending:
@@ -171,14 +226,21 @@ class Uploader:
 
     # -- background thread ---------------------------------------------------------------------
     def _run(self, job: UploadJob) -> None:
+        job.started = True
         try:
-            self._upload_files(job)
+            if job.commit and job.supersedable and self._submitted > job.sequence:
+                self._skip(job)
+                return
+            if not self._upload_files(job):
+                self._exchange(job).report(_REPORT, "skipped")
+                return
             self._exchange(job).report(_REPORT, "ok")
             if job.commit:
                 self._await_members(job)
                 self._commit(job)
                 if job.after_commit is not None:
                     job.after_commit()
+                self._run_deferred()
             if job.stats is not None and job.on_uploaded is not None:
                 job.on_uploaded(job.stats, job.commit)
         except BaseException as err:
@@ -199,22 +261,59 @@ class Uploader:
     def _remote(self, job: UploadJob, name: str) -> str:
         return self.storage.join(self.remote_folder, job.name, name)
 
-    def _upload_files(self, job: UploadJob) -> None:
+    def _upload_files(self, job: UploadJob) -> bool:
+        """Upload this rank's files of ``job``; ``False`` if the committing rank skipped the checkpoint meanwhile."""
         start = time.monotonic()
-        futures = [
-            self._files.submit(
-                put_file, self.storage, os.path.join(job.local_dir, name), self._remote(job, name), policy=self.policy
-            )
-            for name in job.files
-        ]
+        exchange = self._exchange(job)
+
+        def put(name: str) -> bool:
+            if exchange.announced([_SKIP]) is not None:
+                return False
+            put_file(self.storage, os.path.join(job.local_dir, name), self._remote(job, name), policy=self.policy)
+            return True
+
+        if exchange.announced([_SKIP]) is not None:
+            return False
+        futures = [self._files.submit(put, name) for name in job.files]
+        uploaded = True
         for future in futures:
-            future.result(timeout=self.upload_timeout_s)  # upload_timeout_in_seconds bounds each file
+            uploaded = future.result(timeout=self.upload_timeout_s) and uploaded  # each file bounded by the timeout
             _faults.reached("upload.during", job.rank)
+        if not uploaded:
+            return False
         size = sum(os.path.getsize(os.path.join(job.local_dir, n)) for n in job.files)
         elapsed = time.monotonic() - start
         if job.stats is not None:
             job.stats.upload_s, job.stats.upload_bytes = elapsed, size
         log.debug("Uploaded %d file(s) of %s (%.1f MB) in %.2f s", len(job.files), job.name, size / 1e6, elapsed)
+        return True
+
+    def _skip(self, job: UploadJob) -> None:
+        """Do not upload ``job``: a newer checkpoint was submitted. The members stop; what they already uploaded
+        of it (the files its local manifest lists, never anything else) is removed from the store."""
+        exchange = self._exchange(job)
+        exchange.announce([_SKIP], "skip")
+        exchange.report(_REPORT, "skipped")
+        self._await_members(job, allowed=("ok", "skipped"))
+        with open(os.path.join(job.local_dir, layout.MANIFEST_FILENAME), "rb") as f:
+            names = [entry.name for entry in Manifest.from_json(f.read(), source=job.local_dir).files]
+        for name in names:
+            remote = self._remote(job, name)
+            self._retry(functools.partial(self.storage.remove_file, remote), f"removal of {remote}")
+        with self._lock:
+            self.skipped.append(job.name)
+            if job.after_commit is not None:
+                self._deferred.append(job.after_commit)
+        log.info(
+            "Checkpoint %s is not uploaded: a newer one replaces it (%d queued after it)",
+            job.name, self._submitted - job.sequence,
+        )  # fmt: skip
+
+    def _run_deferred(self) -> None:
+        with self._lock:
+            deferred, self._deferred = self._deferred, []
+        for action in deferred:
+            action()
 
     def _exchange(self, job: UploadJob) -> Exchange:
         """Where the members of ``job`` report (only :meth:`~Exchange.report` / :meth:`~Exchange.await_reports`,
@@ -223,7 +322,7 @@ class Uploader:
             return Exchange(None, 0, 1, prefix="upload", timeout_s=self.upload_timeout_s)
         return job.exchange.with_timeout(self.upload_timeout_s)  # the uploader's bound: upload_timeout_in_seconds
 
-    def _await_members(self, job: UploadJob) -> None:
+    def _await_members(self, job: UploadJob, allowed: Sequence[str] = ("ok",)) -> None:
         try:
             statuses = self._exchange(job).await_reports(_REPORT, job.members)
         except CollectiveError as err:
@@ -231,7 +330,7 @@ class Uploader:
                 f"checkpoint {job.name}: rank(s) {err.missing} did not finish uploading within"
                 f" {self.upload_timeout_s:g} s"
             ) from err
-        failed = {r: s for r, s in statuses.items() if s != "ok"}
+        failed = {r: s for r, s in statuses.items() if s not in allowed}
         if failed:
             raise UploadError(f"checkpoint {job.name}: upload failed on rank(s) {sorted(failed)}: {failed}")
 
@@ -244,4 +343,11 @@ class Uploader:
             commit.point_latest(self.remote_folder, job.name, job.pointer)
         with self._lock:
             self.committed.append(job.name)
+            newest = self._newest_step
+            backlog = self._submitted - job.sequence
+        if job.stats is not None:
+            job.stats.upload_lag_s = time.monotonic() - job.submitted_at
+            if job.stats.step is not None and newest is not None:
+                job.stats.upload_lag_steps = newest - job.stats.step
+            job.stats.upload_backlog = backlog
         log.debug("Committed checkpoint %s in %s", job.name, self.storage.url(self.remote_folder))

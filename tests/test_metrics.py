@@ -83,6 +83,9 @@ def test_uploads_log_their_time_and_throughput_at_the_step_of_their_checkpoint(
     uploads: dict[int, Any] = _by_step(rows, UPLOAD)
     assert sorted(uploads) == [8, 16] and sorted(_by_step(rows, WRITE)) == [8, 16]
     assert all(m["checkpoint/upload_s"] > 0 and m["checkpoint/upload_GBps"] > 0 for m in uploads.values())
+    lag = _by_step(rows, ["checkpoint/upload_lag_s", "checkpoint/upload_lag_steps", "checkpoint/upload_backlog"])
+    assert sorted(lag) == [8, 16] and all(m["checkpoint/upload_lag_s"] > 0 for m in lag.values())
+    assert all(0 <= m["checkpoint/upload_lag_steps"] <= 8 and m["checkpoint/upload_backlog"] <= 1 for m in lag.values())
     lines = _saved_lines(caplog)
     assert len(lines) == 2, lines  # one line per save, written once the upload is committed
     assert all(line.startswith(f"Saved checkpoint {s3_bucket.url}/run/") and "upload" in line for line in lines)
