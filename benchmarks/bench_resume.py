@@ -9,7 +9,11 @@ measured from just before the parent started it:
 * ``ModelCheckpoint``: ``ModelCheckpoint`` through Lightning's default ``TorchCheckpointIO``,
   resumed with ``ckpt_path=<its last.ckpt>``;
 * ``CheckpointSaver``: this package, resumed with ``ckpt_path="last"``;
-* ``none``: the same process without resuming (imports, trainer and first step: the floor).
+* ``none``: the same process without resuming (imports, trainer and first step: the floor);
+* the same three under ``ModelParallelStrategy`` (1 process, gloo, each layer ``fully_shard``-ed in
+  ``configure_model``), marked ``(FSDP2)``: ``ModelCheckpoint`` there is Lightning's DCP path
+  (``torch.distributed.checkpoint`` save and load); ``CheckpointSaver`` loads in place, reading each
+  piece straight into the sharded parameters and the optimizer state the strategy created.
 
 Usage::
 
@@ -35,7 +39,9 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-VARIANTS = ["none", "ModelCheckpoint", "CheckpointSaver"]
+VARIANTS = [
+    "none", "ModelCheckpoint", "CheckpointSaver", "none (FSDP2)", "ModelCheckpoint (FSDP2)", "CheckpointSaver (FSDP2)"
+]  # fmt: skip
 
 # One resume in a fresh process. argv: variant, root, width, layers, parent's start time.
 _CHILD = """
@@ -45,6 +51,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[6])))
 from bench_resume import build
 trainer, model, ckpt_path = build(variant, root, width, layers, steps=3, first_step_at=started)
 trainer.fit(model, ckpt_path=ckpt_path)
+"""
+
+# The checkpoint a variant resumes from: 2 steps in a fresh process. argv: variant, root, width, layers.
+_PREPARE = """
+import os, sys
+variant, root, width, layers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[5])))
+from bench_resume import build
+trainer, model, _ = build(variant, root, width, layers, steps=2)
+trainer.fit(model)
 """
 
 
@@ -63,11 +79,23 @@ def build(variant: str, root: str, width: int, layers: int, *, steps: int, first
 
     from lightning_ckpt import CheckpointSaver
 
+    parallel = variant.endswith("(FSDP2)")
+    kind = variant.removesuffix(" (FSDP2)")
+
     class Model(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
             self.net = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)])
+
+        def configure_model(self) -> None:
+            if parallel:
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = self.device_mesh["data_parallel"]
+                for layer in self.net:
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(self.net, mesh=mesh)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.net(batch[0]).square().mean()
@@ -84,19 +112,24 @@ def build(variant: str, root: str, width: int, layers: int, *, steps: int, first
                 print(json.dumps({"resume_s": time.time() - first_step_at, "step": trainer.global_step}), flush=True)
                 os._exit(0)
 
-    folder = os.path.join(root, variant)
+    folder = os.path.join(root, variant.replace(" ", "_").replace("(", "").replace(")", ""))
     callbacks: list[L.Callback] = [FirstStep()]
     ckpt_path: str | None = None
-    if variant == "ModelCheckpoint":
+    if kind == "ModelCheckpoint":
         callbacks.append(ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_last=True))
         ckpt_path = os.path.join(folder, "last.ckpt") if first_step_at is not None else None
-    elif variant == "CheckpointSaver":
+    elif kind == "CheckpointSaver":
         callbacks.append(CheckpointSaver(folder=folder, save_interval="2ba", async_save=False, run_name="bench"))
         ckpt_path = "last" if first_step_at is not None else None
+    strategy: Any = "auto"
+    if parallel:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
     trainer = L.Trainer(
         default_root_dir=root, accelerator="cpu", devices=1, max_steps=steps, logger=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-        enable_checkpointing=variant != "none",
+        enable_checkpointing=kind != "none", strategy=strategy,
     )  # fmt: skip
     return trainer, Model(), ckpt_path
 
@@ -127,9 +160,12 @@ def main() -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, HERE]), "OMP_NUM_THREADS": "2"}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     try:
-        for variant in VARIANTS[1:]:  # the checkpoints to resume from (untimed)
-            trainer, model, _ = build(variant, root, width, layers, steps=2)
-            trainer.fit(model)
+        for variant in VARIANTS:  # the checkpoints to resume from (untimed), each in its own process
+            if not variant.startswith("none"):
+                command = [sys.executable, "-c", _PREPARE, variant, root, str(width), str(layers), __file__]
+                out = subprocess.run(command, env=env, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{variant}: {out.stderr[-3000:]}")
         for rep in range(args.reps):
             for variant in VARIANTS[rep % len(VARIANTS) :] + VARIANTS[: rep % len(VARIANTS)]:
                 _drop_cache(root)
@@ -140,7 +176,7 @@ def main() -> int:
                 if out.returncode != 0 or not lines:
                     raise RuntimeError(f"{variant}: {out.stderr[-3000:]}")
                 result = json.loads(lines[-1])
-                if variant != "none" and result["step"] != 2:
+                if not variant.startswith("none") and result["step"] != 2:
                     raise RuntimeError(f"{variant} resumed at step {result['step']}, not 2")
                 times[variant].append(result["resume_s"])
         facts = machine_facts(root)
@@ -152,10 +188,15 @@ def main() -> int:
     print("| variant | start to first step s | over none s |")
     print("|---|---|---|")
     for v in VARIANTS:
-        over = rows[v]["median"] - rows["none"]["median"]
-        print(f"| {v} | {cell(rows[v])} | {'—' if v == 'none' else f'{over:.3f}'} |")
-    speedup = ratio(rows["ModelCheckpoint"]["median"], rows["CheckpointSaver"]["median"])
-    print(f"\nModelCheckpoint / CheckpointSaver: {'—' if speedup is None else f'{speedup:.2f}'}")
+        floor = "none (FSDP2)" if v.endswith("(FSDP2)") else "none"
+        over = rows[v]["median"] - rows[floor]["median"]
+        print(f"| {v} | {cell(rows[v])} | {'—' if v == floor else f'{over:.3f}'} |")
+    print()
+    for suffix in ("", " (FSDP2)"):
+        none, theirs, ours = (rows[v + suffix]["median"] for v in ("none", "ModelCheckpoint", "CheckpointSaver"))
+        speedup, overhead = ratio(theirs, ours), ratio(theirs - none, ours - none)
+        print(f"ModelCheckpoint{suffix} / CheckpointSaver{suffix}: {'—' if speedup is None else f'{speedup:.2f}'}"
+              f"; their resume cost / ours (over none): {'—' if overhead is None else f'{overhead:.2f}'}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": facts, "width": width, "layers": layers, "rows": rows}, f, indent=1)

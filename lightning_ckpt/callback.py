@@ -36,7 +36,7 @@ from lightning_ckpt.dist import Exchange
 from lightning_ckpt.interval import Event
 from lightning_ckpt.options import IgnoreKeys, SaverOptions
 from lightning_ckpt.plugin import ShardedCheckpointIO
-from lightning_ckpt.policies import CheckpointRecord, kept_for_good
+from lightning_ckpt.policies import CheckpointRecord
 from lightning_ckpt.preemption import DEFAULT_SIGNALS
 from lightning_ckpt.rotation import METRIC_KEY, RUN_ID_KEY, delete_checkpoints
 from lightning_ckpt.session import FolderSession
@@ -501,7 +501,7 @@ class CheckpointSaver(Checkpoint):
             after_commit=functools.partial(delete_checkpoints, storage, folder, doomed),  # where it is kept
             async_save=options.async_save,
             replicated=_lightning.replicated_test(trainer),  # the rest is written from rank 0's copy
-            supersedable=name not in kept_for_good(options.retention, self.catalog.records),
+            supersedes=doomed,  # queued uploads of what this save's retention drops are not made
         )
         return pending.path
 

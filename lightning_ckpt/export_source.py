@@ -33,6 +33,7 @@ from lightning_ckpt.chunks import assemble
 from lightning_ckpt.discovery import resolve
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError
 from lightning_ckpt.file_reads import read_whole
+from lightning_ckpt.inplace import PieceReader
 from lightning_ckpt.localfs import fsync_dir
 from lightning_ckpt.manifest import FileEntry, LogicalTensor, Manifest, TensorEntry
 from lightning_ckpt.reader import check_sizes, load_objects, read_manifest
@@ -54,6 +55,7 @@ class CheckpointSource:
     manifest: Manifest
     tensors: dict[str, LogicalTensor]
     skeleton: dict[str, Any]
+    reader: PieceReader
 
     @classmethod
     def open(cls, path: str, storage_options: dict[str, Any] | None, allow_pickle: bool) -> CheckpointSource:
@@ -63,7 +65,8 @@ class CheckpointSource:
         storage, ckpt_dir = found.storage, found.path
         manifest = read_manifest(storage, ckpt_dir)
         check_sizes(storage, ckpt_dir, manifest)
-        for name in sorted({p.file for p in manifest.tensors.values() if p.crc32 is None}):  # format v1
+        v1_files = sorted({p.file for p in manifest.tensors.values() if p.crc32 is None})  # format v1
+        for name in v1_files:
             _verify_streamed(storage, ckpt_dir, manifest.file(name))
         skeleton: Any = {}
         if manifest.objects_file is not None:
@@ -71,24 +74,13 @@ class CheckpointSource:
             skeleton = load_objects(storage, ckpt_dir, manifest.objects_file, raw, "cpu", not allow_pickle)
         if not isinstance(skeleton, dict):
             raise CorruptCheckpointError(f"{storage.url(ckpt_dir)}: expected a dict checkpoint")
-        return cls(storage, ckpt_dir, manifest, manifest.logical_tensors(), skeleton)
+        reader = PieceReader(storage, ckpt_dir, manifest, verified_files=v1_files)
+        return cls(storage, ckpt_dir, manifest, manifest.logical_tensors(), skeleton, reader)
 
     def read(self, piece: TensorEntry) -> torch.Tensor:
         """One stored piece in memory of its own, verified by its CRC32 (v1: its file was verified on open)."""
         tensor = torch.empty(piece.shape, dtype=getattr(torch, piece.dtype))
-        if piece.nbytes == 0:
-            return tensor
-        buffer = bytes_of(tensor)
-        path = self.storage.join(self.ckpt_dir, piece.file)
-        filled = self.storage.read_range_into(path, piece.offset, buffer)
-        if filled != piece.nbytes:
-            raise CorruptCheckpointError(f"{self.storage.url(path)} ended before byte {piece.offset + piece.nbytes}")
-        if piece.crc32 is not None and checksum_string(crc32(buffer)) != piece.crc32:
-            raise CorruptCheckpointError(
-                f"{self.storage.url(path)}: tensor {piece.key!r} (bytes {piece.offset}..{piece.offset + piece.nbytes})"
-                f" has checksum {checksum_string(crc32(buffer))}, expected {piece.crc32} (the file was modified"
-                " or damaged)"
-            )
+        self.reader.read_into(piece, tensor)
         return tensor
 
     def blocks(self, tensor: LogicalTensor) -> Iterator[torch.Tensor]:

@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,9 +50,18 @@ _LOADED_IN_PLACE = ("state_dict", "optimizer_states")
 class PieceReader:
     """Reads stored pieces of one checkpoint, each verified by its CRC32 (v1: its whole file's, once)."""
 
-    def __init__(self, storage: Storage, ckpt_dir: str, manifest: Manifest, *, verify: bool = True) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        ckpt_dir: str,
+        manifest: Manifest,
+        *,
+        verify: bool = True,
+        verified_files: Iterable[str] = (),
+    ) -> None:
+        """``verified_files``: files whose whole-file CRC32 (format v1) the caller has already checked."""
         self.storage, self.ckpt_dir, self.manifest, self.verify = storage, ckpt_dir, manifest, verify
-        self._whole_files_checked: set[str] = set()
+        self._whole_files_checked: set[str] = set(verified_files)
         self._queued: list[tuple[TensorEntry, Callable[[], None]]] = []
         self.bytes_read = 0
 

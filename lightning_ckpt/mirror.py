@@ -22,7 +22,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from lightning_ckpt import layout
@@ -119,16 +119,17 @@ class RemoteMirror:
         after_commit: Callable[[], None] | None,
         stats: SaveStats | None,
         on_uploaded: Callable[[SaveStats, bool], None],
-        supersedable: bool = False,
+        supersedes: Collection[str] = (),
     ) -> None:
         """Queue the upload of a locally committed checkpoint of a remote folder (on every rank of its group).
 
-        With ``supersedable``, a newer checkpoint queued before this upload starts replaces it
-        (:class:`~lightning_ckpt.upload.UploadJob`)."""
+        ``supersedes``: checkpoints this one's retention drops; queued uploads of those are not started
+        (:meth:`~lightning_ckpt.upload.Uploader.supersede`)."""
         remote_folder = remote_storage.url(remote_storage.dirname(remote_target))
         name = remote_storage.basename(remote_target)
         local_root = os.path.dirname(local.path)
         uploader = self.uploader(remote_folder)
+        uploader.supersede(supersedes)
         if stats is not None:  # its log line and metrics describe the checkpoint in the store
             stats.path = remote_storage.url(remote_target)
 
@@ -150,7 +151,6 @@ class RemoteMirror:
                 after_commit=committed_remotely,
                 stats=stats,
                 on_uploaded=on_uploaded,
-                supersedable=supersedable,
             )
         )
 

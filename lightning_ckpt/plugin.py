@@ -71,8 +71,8 @@ class ShardedCheckpointIO(CheckpointIO):
         upload_timeout_in_seconds: bound on waiting for uploads (per checkpoint, and at fit end).
         max_upload_backlog: the most checkpoints queued or uploading at once on a rank; a save that
             would queue one more waits for the oldest (with a warning), so the local cache stays bounded.
-            :class:`~lightning_ckpt.CheckpointSaver` also lets a newer checkpoint replace queued uploads
-            that no retention rule keeps for good.
+            With :class:`~lightning_ckpt.CheckpointSaver` a queued upload is dropped once a newer
+            checkpoint's retention (``num_checkpoints_to_keep``) drops that checkpoint.
         cache_dir: local directory for checkpoints of remote folders (uploads and downloads);
             default ``~/.cache/lightning_ckpt``.
         upload_retry: how transient object-store failures are retried: uploads, manifest downloads and
@@ -230,7 +230,7 @@ class ShardedCheckpointIO(CheckpointIO):
         after_commit: Callable[[], None] | None = None,
         async_save: bool | None = None,
         replicated: Collection[str] | ReplicatedTest | None = None,
-        supersedable: bool = False,
+        supersedes: Collection[str] = (),
     ) -> PendingSave:
         """Save from every rank at once (all ranks call it together); returns a pending-save handle.
 
@@ -243,8 +243,9 @@ class ShardedCheckpointIO(CheckpointIO):
         checkpoint; other nodes keep their newest copy for a local resume. ``after_commit`` runs on
         the committing rank once the checkpoint is committed where it is kept (in the store for a
         remote ``path``): the place for rotation. ``async_save`` overrides the plugin's setting.
-        ``supersedable``: a newer checkpoint queued before this one's upload starts replaces it (it is
-        never uploaded; its ``after_commit`` runs after the next remote commit).
+        ``supersedes`` names older checkpoints of the same folder that this one's retention drops: once this
+        one is committed locally, their uploads that have not started are not made (never uploaded only to
+        be deleted; each one's ``after_commit`` runs after the next remote commit).
 
         ``replicated`` names the tensors that are identical on every rank by construction (keys as
         ``lightning-ckpt inspect`` shows them, e.g. ``"state_dict/layer.weight"``, or a test
@@ -284,7 +285,7 @@ class ShardedCheckpointIO(CheckpointIO):
             else:
                 self.mirror.submit_upload(result, remote_storage, remote_target, pointer=latest_filename,
                                            key=upload_key, after_commit=after_commit, stats=stats,
-                                           on_uploaded=self._record_upload, supersedable=supersedable)  # fmt: skip
+                                           on_uploaded=self._record_upload, supersedes=supersedes)  # fmt: skip
 
         pending = self._pipeline.run(
             prepare, asynchronous=asynchronous, committed=committed, step=_step_of(checkpoint), uploads=remote

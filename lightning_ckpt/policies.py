@@ -29,7 +29,6 @@ __all__ = [
     "RetentionPolicy",
     "best_records",
     "build_retention_policy",
-    "kept_for_good",
     "plan_deletions",
 ]
 
@@ -252,24 +251,6 @@ def build_retention_policy(
     if not parts:
         return KeepLatest(0)
     return parts[0] if len(parts) == 1 else AnyOf(tuple(parts))
-
-
-def kept_for_good(policy: RetentionPolicy, records: Sequence[CheckpointRecord]) -> set[str]:
-    """Names ``policy`` keeps for a reason other than being among the newest: an upload of one of these is never
-    replaced by a newer checkpoint's. ``KeepLatest`` alone keeps nothing for good; any other policy (your own
-    too) keeps what it keeps.
-
-    Example:
-        >>> records = [CheckpointRecord("a", 0, 1000), CheckpointRecord("b", 0, 1500)]
-        >>> sorted(kept_for_good(KeepLatest(3) | KeepEveryNSteps(1000), records)), kept_for_good(KeepLatest(3), records)
-        (['a'], set())
-    """
-    parts = policy.policies if isinstance(policy, AnyOf) else (policy,)
-    kept: set[str] = set()
-    for part in parts:
-        if not isinstance(part, KeepLatest):
-            kept |= part.keep(records)
-    return kept
 
 
 def plan_deletions(

@@ -36,7 +36,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -73,10 +73,11 @@ class UploadJob:
         after_commit: work to run once committed remotely (rotation); committing rank only.
         stats: the save's :class:`~lightning_ckpt.stats.SaveStats`, given this rank's upload time and bytes.
         on_uploaded: called with ``stats`` and whether this rank committed, once this rank's part is done.
-        supersedable: a newer checkpoint submitted before this upload starts replaces it: it is not
-            uploaded (no retention rule needs it for good). The committing rank decides, once, when it
-            picks the job up; the other members stop at their next file. Its ``after_commit`` then runs
-            after the next remote commit, and its local copy is pruned with the uploaded ones.
+
+    A job :meth:`Uploader.supersede` named before its upload started is not uploaded: the committing
+    rank decides, once, when it picks the job up; the other members stop at their next file. Its
+    ``after_commit`` then runs after the next remote commit, and its local copy is pruned with the
+    uploaded ones.
     """
 
     local_dir: str
@@ -89,7 +90,6 @@ class UploadJob:
     after_commit: Callable[[], None] | None = None
     stats: SaveStats | None = None
     on_uploaded: Callable[[SaveStats, bool], None] | None = None
-    supersedable: bool = False
     sequence: int = field(default=0, init=False)  # set by Uploader.submit: the order of submission
     submitted_at: float = field(default=0.0, init=False)  # time.monotonic() at submission (the local commit)
     started: bool = field(default=False, init=False)  # picked up by the upload thread
@@ -136,6 +136,7 @@ class Uploader:
         self._lock = threading.Lock()
         self.committed: list[str] = []
         self.skipped: list[str] = []  # superseded before their upload started: never committed in the store
+        self._superseded: dict[str, int] = {}  # name -> the last job submitted when it was superseded
         self._deferred: list[Callable[[], None]] = []  # skipped jobs' after_commit, run at the next commit
         self._submitted = 0
         self._newest_step: int | None = None
@@ -158,16 +159,24 @@ class Uploader:
             self._pending = [(f, j) for f, j in self._pending if not f.done()] + [(future, job)]
         return future
 
+    def supersede(self, names: Collection[str]) -> None:
+        """A newer checkpoint's retention drops ``names``: those whose upload has not started are not uploaded
+        (what would be uploaded only to be deleted). Call it once that newer checkpoint is committed locally."""
+        with self._lock:
+            for name in names:  # only jobs submitted so far: a later save under the same name is uploaded
+                self._superseded[name] = self._submitted
+
     @property
     def backlog(self) -> int:
-        """Checkpoints this rank still has to upload: the one uploading and those queued that a newer one
-        does not replace (a queued ``supersedable`` job is skipped once a newer one is submitted)."""
+        """Checkpoints this rank still has to upload: the one uploading and those queued, less superseded ones."""
         return len(self._to_upload())
 
     def _to_upload(self) -> list[Future[None]]:
         with self._lock:
-            live = [(f, j) for f, j in self._pending if not f.done()]
-        return [f for i, (f, j) in enumerate(live) if j.started or not j.supersedable or i == len(live) - 1]
+            return [f for f, j in self._pending if not f.done() and (j.started or not self._is_superseded(j))]
+
+    def _is_superseded(self, job: UploadJob) -> bool:
+        return job.sequence <= self._superseded.get(job.name, 0)
 
     def _wait_for_room(self) -> None:
         pending = self._to_upload()
@@ -175,8 +184,8 @@ class Uploader:
             return
         log.warning(
             "Uploads to %s are behind: %d checkpoints to upload (max_upload_backlog=%d); the next save waits for"
-            " the oldest. Faster storage or fewer saves avoid this; with num_checkpoints_to_keep set, a newer"
-            " checkpoint replaces queued uploads that no retention rule keeps for good",
+            " the oldest. Faster storage or fewer saves avoid this; a queued upload is dropped once a newer"
+            " checkpoint's retention (num_checkpoints_to_keep) drops that checkpoint",
             self.storage.url(self.remote_folder), len(pending), self.max_backlog,
         )  # fmt: skip
         for future in pending[: len(pending) - self.max_backlog + 1]:
@@ -228,7 +237,7 @@ class Uploader:
     def _run(self, job: UploadJob) -> None:
         job.started = True
         try:
-            if job.commit and job.supersedable and self._submitted > job.sequence:
+            if job.commit and self._is_superseded(job):
                 self._skip(job)
                 return
             if not self._upload_files(job):
@@ -289,8 +298,8 @@ class Uploader:
         return True
 
     def _skip(self, job: UploadJob) -> None:
-        """Do not upload ``job``: a newer checkpoint was submitted. The members stop; what they already uploaded
-        of it (the files its local manifest lists, never anything else) is removed from the store."""
+        """Do not upload ``job``: a newer checkpoint's retention dropped it. The members stop; what they already
+        uploaded of it (the files its local manifest lists, never anything else) is removed from the store."""
         exchange = self._exchange(job)
         exchange.announce([_SKIP], "skip")
         exchange.report(_REPORT, "skipped")
@@ -305,7 +314,7 @@ class Uploader:
             if job.after_commit is not None:
                 self._deferred.append(job.after_commit)
         log.info(
-            "Checkpoint %s is not uploaded: a newer one replaces it (%d queued after it)",
+            "Checkpoint %s is not uploaded: a newer checkpoint's retention drops it (%d queued after it)",
             job.name, self._submitted - job.sequence,
         )  # fmt: skip
 

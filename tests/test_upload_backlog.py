@@ -50,7 +50,7 @@ def _remote_names(storage: Storage, folder: str) -> dict[str, list[str]]:
             if storage.isdir(storage.join(folder, name))}  # fmt: skip
 
 
-def test_newer_checkpoints_replace_queued_uploads_but_never_ones_kept_for_good(
+def test_queued_uploads_of_checkpoints_a_newer_save_drops_are_not_made(
     s3_bucket: S3Bucket, tmp_path: Path, slow_uploads: dict[int, float], caplog: pytest.LogCaptureFixture
 ) -> None:
     slow_uploads[0] = 0.4
@@ -64,12 +64,13 @@ def test_newer_checkpoints_replace_queued_uploads_but_never_ones_kept_for_good(
     model = TinyRegressor()
     build_trainer(str(tmp_path), max_epochs=1, callbacks=[saver], plugins=[io], logger=False).fit(model)
 
-    skipped = [r.getMessage().split()[1] for r in caplog.records if "a newer one replaces it" in r.getMessage()]
-    assert skipped, "uploads 0.4 s per file behind a save per step: some queued upload must have been replaced"
-    assert not {"ep0-ba4", "ep0-ba8"} & set(skipped)  # keep_every_n_steps=4 keeps them for good: always uploaded
+    skipped = [r.getMessage().split()[1] for r in caplog.records if "retention drops it" in r.getMessage()]
+    assert skipped, "uploads 0.4 s per file behind a save per step: some queued upload must have been dropped"
+    kept = {"ep0-ba4", "ep0-ba7", "ep0-ba8"}  # the newest 2, and every 4th step for good
+    assert not kept & set(skipped)
     storage, root = Storage.open(folder, s3_bucket.storage_options)
     remote = _remote_names(storage, root)
-    assert {"ep0-ba4", "ep0-ba8"} <= remote.keys() and not set(skipped) & remote.keys()
+    assert remote.keys() == kept and saver.saved_checkpoints == sorted(kept)  # the store holds what the policy keeps
     assert all("manifest.json" in files for files in remote.values()), remote  # nothing half-uploaded is left
     assert storage.read_bytes(storage.join(root, "latest.symlink")) == b"ep0-ba8"
     assert [n for n in os.listdir(tmp_path / "local") if n.startswith("ep")] == ["ep0-ba8"]  # skipped ones pruned
@@ -101,11 +102,12 @@ def test_a_member_stops_when_the_committing_rank_replaces_the_checkpoint(
         exchange = Exchange(store, rank, 2, prefix=f"upload-{name}", timeout_s=60)
         return UploadJob(local_dir=local, name=name, files=files if rank == 1 else [], commit=rank == 0,
                          members=(0, 1), exchange=exchange, pointer="latest.symlink",
-                         after_commit=lambda: done.append(name), supersedable=True)  # fmt: skip
+                         after_commit=lambda: done.append(name))  # fmt: skip
 
     blocker = uploaders[0]._jobs.submit(gate.wait)  # the committing rank is busy until both are queued
     uploaders[1].submit(job(1, first, first_files, "ba1"))
     uploaders[0].submit(job(0, first, [], "ba1"))
+    uploaders[0].supersede(["ba1"])  # ba2, committed locally, drops ba1 (num_checkpoints_to_keep=1)
     uploaders[0].submit(job(0, second, [], "ba2"))
     uploaders[1].submit(job(1, second, second_files, "ba2"))
     gate.set()
@@ -134,7 +136,7 @@ def test_the_backlog_is_bounded_and_the_wait_is_logged(
         assert uploader.backlog <= 1  # each submit waited for the one before
     uploader.wait()
     uploader.close()
-    assert uploader.committed == ["ba1", "ba2", "ba3"] and uploader.skipped == []  # not supersedable: all uploaded
+    assert uploader.committed == ["ba1", "ba2", "ba3"] and uploader.skipped == []  # none superseded: all uploaded
     assert any("max_upload_backlog=1" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert all(s.upload_lag_s is not None and s.upload_lag_s > 0 for s in stats)
     metrics = stats[0].metrics(upload=True)
