@@ -1,9 +1,11 @@
-"""Resume latency: from process start to the first training step after ``fit(ckpt_path=...)``.
+"""Resume latency: from process start to the end of the first training step after ``fit(ckpt_path=...)``.
 
 A model of ``--mib`` MiB of fp32 parameters (square ``Linear`` layers, Adam: a checkpoint is ~3x
 that) is trained for 2 steps once per variant and checkpointed (untimed). Then, ``--reps`` times per
 variant, in a rotating order and with the page cache dropped first, a fresh Python process starts,
-imports Lightning, builds the trainer and resumes; it reports when its first training step begins,
+imports Lightning, builds the trainer and resumes; it reports when its first training step ends
+(forward, backward and the optimizer's update: costs a loader defers, such as copy-on-write faults
+of optimizer state mapped from the file, are paid there),
 measured from just before the parent started it:
 
 * ``ModelCheckpoint``: ``ModelCheckpoint`` through Lightning's default ``TorchCheckpointIO``,
@@ -107,9 +109,10 @@ def build(variant: str, root: str, width: int, layers: int, *, steps: int, first
             return DataLoader(TensorDataset(torch.randn(16, width)), batch_size=2)
 
     class FirstStep(L.Callback):
-        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
             if first_step_at is not None:
-                print(json.dumps({"resume_s": time.time() - first_step_at, "step": trainer.global_step}), flush=True)
+                step = trainer.global_step - 1  # the step this batch started at
+                print(json.dumps({"resume_s": time.time() - first_step_at, "step": step}), flush=True)
                 os._exit(0)
 
     folder = os.path.join(root, variant.replace(" ", "_").replace("(", "").replace(")", ""))
@@ -185,7 +188,7 @@ def main() -> int:
     rows = {v: summarize(t) for v, t in times.items()}
     print(machine_line(facts))
     print(f"model: {layers} x Linear({width}, {width}), {layers * width * width * 4 / 2**20:.0f} MiB of weights, Adam")
-    print("| variant | start to first step s | over none s |")
+    print("| variant | start to end of first step s | over none s |")
     print("|---|---|---|")
     for v in VARIANTS:
         floor = "none (FSDP2)" if v.endswith("(FSDP2)") else "none"

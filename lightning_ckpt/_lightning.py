@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -39,15 +40,17 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import torch
 from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_ckpt.layout import Progress, RankInfo
 
 __all__ = [
     "InPlace",
+    "InPlaceWeights",
     "is_our_checkpoint",
     "install_sharded_loader",
     "restores_after_fit_start",
@@ -300,6 +303,7 @@ def install_sharded_loader(trainer: Trainer, io: _InPlaceLoader) -> None:
     """
     strategy = trainer.strategy
     if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        _install_weights_loader(strategy, io)
         return
     original = strategy.load_checkpoint
     if getattr(original, "_lightning_ckpt", False):
@@ -317,6 +321,42 @@ def install_sharded_loader(trainer: Trainer, io: _InPlaceLoader) -> None:
 
     load_checkpoint._lightning_ckpt = True  # type: ignore[attr-defined]
     strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
+
+
+def _install_weights_loader(strategy: Any, io: _InPlaceLoader) -> None:
+    """Any other strategy (one device, DDP): a checkpoint of ours is read with the weights straight into the
+    model's own tensors (:func:`~lightning_ckpt.inplace.load_weights_in_place`): a cold resume touches no
+    fresh memory for them and Lightning's ``load_state_dict`` copies nothing. Only while nothing can change the
+    checkpoint's ``state_dict`` between the load and Lightning's ``load_state_dict``: a LightningModule that
+    overrides ``on_load_checkpoint`` (which may rename, drop or transform weights) gets the whole dict as before.
+    """
+    original = strategy.load_checkpoint
+    if getattr(original, "_lightning_ckpt", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint(checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        module = strategy.lightning_module
+        if (
+            module is None
+            or is_overridden("on_load_checkpoint", module, LightningModule)
+            or strategy.checkpoint_io is not io
+            or not is_our_checkpoint(os.fspath(checkpoint_path), getattr(io, "storage_options", None))
+        ):
+            return original(checkpoint_path, weights_only)
+        into = InPlaceWeights(module, module.strict_loading)
+        logging.getLogger("lightning_ckpt").debug("Reading the weights of %s into the model in place", checkpoint_path)
+        return io.load_checkpoint(os.fspath(checkpoint_path), weights_only=weights_only, into=into)
+
+    load_checkpoint._lightning_ckpt = True  # type: ignore[attr-defined]
+    strategy.load_checkpoint = load_checkpoint
+
+
+class InPlaceWeights(NamedTuple):
+    """Where a plain (not sharded) model's weights are read in place; the rest of the checkpoint is returned whole."""
+
+    module: Any
+    strict: bool
 
 
 class InPlace(NamedTuple):

@@ -42,7 +42,7 @@ from lightning_ckpt.sharded import distributed_tensor_kind, local_regions
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.tree import TENSOR_MARKER, join_key, merge_tensors
 
-__all__ = ["PieceReader", "load_in_place"]
+__all__ = ["PieceReader", "load_in_place", "load_weights_in_place"]
 
 _LOADED_IN_PLACE = ("state_dict", "optimizer_states")
 
@@ -66,13 +66,10 @@ class PieceReader:
         self.bytes_read = 0
 
     def read(self, piece: TensorEntry) -> torch.Tensor:
-        """The piece as a tensor of its own."""
-        dtype = getattr(torch, piece.dtype)
-        if not piece.nbytes:
-            return torch.empty(piece.shape, dtype=dtype)
-        data = bytearray(piece.nbytes)
-        self._read_into(piece, memoryview(data))
-        return torch.frombuffer(data, dtype=dtype).reshape(piece.shape)
+        """The piece as a tensor of its own (read straight into new memory, never zero-filled first)."""
+        tensor = torch.empty(piece.shape, dtype=getattr(torch, piece.dtype))
+        self.read_into(piece, tensor)
+        return tensor
 
     def read_into(self, piece: TensorEntry, target: torch.Tensor) -> None:
         """Read the piece straight into ``target``'s memory (a contiguous CPU tensor of the piece's shape and dtype).
@@ -213,6 +210,55 @@ def load_in_place(
     return _merged(reader, tensors, rest)
 
 
+def load_weights_in_place(
+    storage: Storage,
+    ckpt_dir: str,
+    module: torch.nn.Module,
+    *,
+    strict: bool = True,
+    weights_only: bool | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """The whole checkpoint dict, its ``state_dict`` read straight into ``module``'s own tensors.
+
+    For a model that is not sharded (one device, DDP): every stored weight and buffer the module has
+    is read into the module's memory (no fresh memory, no copy), and the returned ``state_dict`` holds
+    the module's tensors themselves, so Lightning's ``load_state_dict`` that follows copies nothing.
+    Stored entries the module lacks come back as tensors of their own (Lightning's ``strict`` check
+    still sees them); everything else (optimizer state, loops, callbacks) is read as by
+    :func:`~lightning_ckpt.reader.read_checkpoint`, each tensor with memory of its own.
+
+    Example:
+        >>> import os, tempfile, torch
+        >>> from lightning_ckpt.collective import save_checkpoint_dir
+        >>> saved = torch.nn.Linear(2, 2)
+        >>> path = os.path.join(tempfile.mkdtemp(), "c")
+        >>> path = save_checkpoint_dir({"state_dict": saved.state_dict(), "epoch": 3}, path)
+        >>> model = torch.nn.Linear(2, 2)
+        >>> checkpoint = load_weights_in_place(*Storage.open(path), model)
+        >>> torch.equal(model.weight, saved.weight), checkpoint["state_dict"]["weight"] is model.state_dict()["weight"]
+        (True, False)
+        >>> checkpoint["state_dict"]["weight"].data_ptr() == model.weight.data_ptr(), checkpoint["epoch"]
+        (True, 3)
+    """
+    manifest = read_manifest(storage, ckpt_dir)
+    check_sizes(storage, ckpt_dir, manifest)
+    reader = PieceReader(storage, ckpt_dir, manifest, verify=verify)
+    tensors = manifest.logical_tensors()
+    skeleton = _skeleton(storage, ckpt_dir, manifest, weights_only)
+    saved = skeleton.get("state_dict")
+    if not isinstance(saved, dict):
+        raise CorruptCheckpointError(f"{storage.url(ckpt_dir)} holds no 'state_dict': it is not a Lightning checkpoint")
+    own = module.state_dict()
+    _fill_model(reader, tensors, own, strict, "state_dict")
+    reader.run_queued()
+    loaded = {name for name in own if join_key("state_dict", name) in tensors}
+    others = _merged(reader, tensors, {name: value for name, value in saved.items() if name not in loaded})
+    rest = _merged(reader, tensors, {key: value for key, value in skeleton.items() if key != "state_dict"})
+    rest["state_dict"] = {name: own[name] if name in loaded else others[name] for name in saved}
+    return rest
+
+
 def _at(tree: Any, path: Sequence[Any]) -> Any:
     """The value at ``path`` (dict keys, list indices) in ``tree``, or ``None``."""
     for part in path:
@@ -236,9 +282,10 @@ def _skeleton(storage: Storage, ckpt_dir: str, manifest: Manifest, weights_only:
 
 
 def _merged(reader: PieceReader, tensors: Mapping[str, LogicalTensor], skeleton: Any) -> Any:
-    """``skeleton`` with each marker replaced by its whole tensor (read now; only those it names)."""
-    wanted = set(_markers(skeleton))
-    return merge_tensors(skeleton, {key: reader.whole(tensors[key]) for key in wanted if key in tensors})
+    """``skeleton`` with each marker replaced by its whole tensor (read now, in file order; only those it names)."""
+    wanted = [tensors[key] for key in set(_markers(skeleton)) if key in tensors]
+    wanted.sort(key=lambda t: min((p.file, p.offset) for p in t.pieces) if t.pieces else ("", 0))
+    return merge_tensors(skeleton, {tensor.key: reader.whole(tensor) for tensor in wanted})
 
 
 def _markers(value: Any) -> list[str]:

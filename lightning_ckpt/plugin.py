@@ -33,14 +33,14 @@ from typing_extensions import override
 
 from lightning_ckpt import inflight
 from lightning_ckpt._checks import check_bool, check_count, check_directory, check_seconds
-from lightning_ckpt._lightning import install_directory_loader
+from lightning_ckpt._lightning import InPlaceWeights, install_directory_loader
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import PreparedSave, SaveResult, WriterHook, checkpoint_dir_path, prepare_alone
 from lightning_ckpt.discovery import Resolved, list_committed, load_resolved, resolve
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import ConfigError, TargetExistsError
 from lightning_ckpt.hooks import check_hooks
-from lightning_ckpt.inplace import load_in_place
+from lightning_ckpt.inplace import load_in_place, load_weights_in_place
 from lightning_ckpt.locations import check_storage_options
 from lightning_ckpt.mirror import RemoteMirror, default_cache_dir
 from lightning_ckpt.pipeline import PendingSave, SavePipeline
@@ -446,6 +446,11 @@ class ShardedCheckpointIO(CheckpointIO):
         into: Any = None,
         in_place: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        if isinstance(into, InPlaceWeights) and resolved.kind == "dir":  # a plain model's weights, in place
+            if not resolved.storage.is_local:
+                resolved = self.mirror.download(resolved)  # once per node, then local reads
+            return load_weights_in_place(resolved.storage, resolved.path, into.module, strict=into.strict,
+                                         weights_only=weights_only, verify=self.verify_checksums)  # fmt: skip
         if into is not None and resolved.kind == "dir":  # ranged reads of the chunks this rank needs, in place
             module, optimizers, strict = into
             options = {"strict": strict, "weights_only": weights_only, "verify": self.verify_checksums}

@@ -50,7 +50,7 @@ log = logging.getLogger("lightning_ckpt")
 
 T = TypeVar("T")
 PART_BYTES = 8 * 1024 * 1024  # many parts in flight: what wins on object stores
-_POOL_CONNECTIONS = 64  # the boto3 client's connection pool, unless config_kwargs sets max_pool_connections
+_POOL_CONNECTIONS = 128  # the boto3 client's connection pool, unless config_kwargs sets max_pool_connections
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
                     "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}  # fmt: skip
 _TRANSIENT_TEXT = ("SlowDown", "503", "Service Unavailable", "Please reduce your request rate")
@@ -225,7 +225,7 @@ def put_file(
     local_path: str,
     remote_path: str,
     *,
-    max_concurrency: int = 8,
+    max_concurrency: int = 16,
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> None:
     """Upload one local file to ``remote_path``, parts in parallel, retrying transient failures."""
@@ -303,7 +303,7 @@ def get_file(
     remote_path: str,
     local_path: str,
     *,
-    max_concurrency: int = 8,
+    max_concurrency: int = 16,
     policy: RetryPolicy = DEFAULT_POLICY,
 ) -> None:
     """Download one file to a hidden temporary name next to ``local_path``, then rename it into place.

@@ -151,7 +151,7 @@ def test_bench_resume_smoke(tmp_path: Path) -> None:
     out = tmp_path / "resume.json"
     proc = run_script("bench_resume.py", "--dir", str(tmp_path), "--json", str(out), timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| variant | start to first step s |" in proc.stdout
+    assert "| variant | start to end of first step s |" in proc.stdout
     rows = json.loads(out.read_text())["rows"]
     for variant in ("none", "ModelCheckpoint", "CheckpointSaver", "ModelCheckpoint (FSDP2)", "CheckpointSaver (FSDP2)"):
         # each resumed at step 2, or the script fails

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 
@@ -144,3 +146,74 @@ def test_from_s3_a_subset_of_the_tensors_loads_in_place(s3_bucket: S3Bucket, tmp
     memory = state["a"].data_ptr()
     load_into(url, state, storage_options=s3_bucket.storage_options)
     assert torch.equal(state["a"], torch.arange(256.0)) and state["a"].data_ptr() == memory
+
+
+class _NoLoadHook(TinyRegressor):
+    """TinyRegressor without its ``on_load_checkpoint``: nothing can change the checkpoint before the weights load."""
+
+    on_load_checkpoint = L.LightningModule.on_load_checkpoint
+
+
+class _DropsABias(TinyRegressor):
+    """Drops ``net.2.bias`` from the checkpoint to keep its own value (with ``strict_loading=False``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strict_loading = False
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        del checkpoint["state_dict"]["net.2.bias"]
+
+
+def _everything(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """Weights, buffers and optimizer state of a fitted trainer, by checkpoint key."""
+    optimizer = trainer.optimizers[0].state_dict()
+    return {**_tensors({"state_dict": trainer.lightning_module.state_dict()}), **_tensors({"optimizer": optimizer})}
+
+
+def test_a_trainer_resume_reads_the_weights_into_the_model_and_equals_an_uninterrupted_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    L.seed_everything(0, verbose=False)
+    full = build_trainer(str(tmp_path / "full"), max_epochs=3)
+    full.fit(_NoLoadHook())
+
+    folder = str(tmp_path / "ckpts")
+    L.seed_everything(0, verbose=False)
+    build_trainer(str(tmp_path / "a"), max_epochs=2, callbacks=[CheckpointSaver(folder, save_interval="1ep")]).fit(
+        _NoLoadHook()
+    )
+    caplog.set_level(logging.DEBUG, logger="lightning_ckpt")
+    L.seed_everything(0, verbose=False)
+    model = _NoLoadHook()
+    weights = {name: p.data_ptr() for name, p in model.state_dict().items()}
+    resumed = build_trainer(str(tmp_path / "b"), max_epochs=3, callbacks=[CheckpointSaver(folder, save_interval="1ep")])
+    resumed.fit(model, ckpt_path="last")
+
+    assert any("into the model in place" in r.getMessage() for r in caplog.records)
+    assert {name: p.data_ptr() for name, p in model.state_dict().items()} == weights
+    expected, got = _everything(full), _everything(resumed)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_a_model_that_edits_the_checkpoint_in_on_load_checkpoint_gets_the_whole_dict_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = str(tmp_path / "ckpts")
+    L.seed_everything(0, verbose=False)
+    build_trainer(str(tmp_path / "a"), max_epochs=1, callbacks=[CheckpointSaver(folder, save_interval="1ep")]).fit(
+        TinyRegressor()
+    )
+    saved = read_checkpoint(folder)["state_dict"]
+    caplog.set_level(logging.DEBUG, logger="lightning_ckpt")
+    model = _DropsABias()
+    own_bias = model.net[2].bias.detach().clone()
+    trainer = build_trainer(str(tmp_path / "b"), max_epochs=1, callbacks=[CheckpointSaver(folder, save_interval="1ep")])
+    trainer.validate(model, ckpt_path="last", verbose=False)
+
+    assert not any("into the model in place" in r.getMessage() for r in caplog.records)
+    assert torch.equal(model.net[2].bias, own_bias) and not torch.equal(own_bias, saved["net.2.bias"])
+    assert torch.equal(model.net[0].weight, saved["net.0.weight"])
