@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     )
     from lightning_ckpt.hooks import WriterHook
     from lightning_ckpt.interval import Event, SaveSchedule
-    from lightning_ckpt.load_into import load_into
+    from lightning_ckpt.into import load_into
     from lightning_ckpt.plugin import ShardedCheckpointIO
     from lightning_ckpt.reader import read_checkpoint
     from lightning_ckpt.transfer import RetryPolicy
@@ -54,7 +54,7 @@ _EXPORTS: dict[str, str] = {
     "TargetExistsError": "lightning_ckpt.errors",
     "WriterHook": "lightning_ckpt.hooks",
     "latest": "lightning_ckpt.discovery",
-    "load_into": "lightning_ckpt.load_into",
+    "load_into": "lightning_ckpt.into",
     "read_checkpoint": "lightning_ckpt.reader",
 }
 

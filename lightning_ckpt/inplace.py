@@ -42,7 +42,7 @@ from lightning_ckpt.sharded import distributed_tensor_kind, local_regions
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.tree import TENSOR_MARKER, join_key, merge_tensors
 
-__all__ = ["PieceReader", "load_in_place", "load_weights_in_place"]
+__all__ = ["PieceReader", "load_in_place", "load_weights_in_place", "markers", "open_pieces"]
 
 _LOADED_IN_PLACE = ("state_dict", "optimizer_states")
 
@@ -184,11 +184,7 @@ def load_in_place(
         if optimizer_keys is not None
         else [("optimizer_states", i) for i in range(len(optimizers))]
     )
-    manifest = read_manifest(storage, ckpt_dir)
-    check_sizes(storage, ckpt_dir, manifest)
-    reader = PieceReader(storage, ckpt_dir, manifest, verify=verify)
-    tensors = manifest.logical_tensors()
-    skeleton = _skeleton(storage, ckpt_dir, manifest, weights_only)
+    reader, tensors, skeleton = open_pieces(storage, ckpt_dir, verify=verify, weights_only=weights_only)
     model_state = get_model_state_dict(module)
     _fill_model(reader, tensors, model_state, strict, module_key)
     reader.run_queued()
@@ -236,16 +232,11 @@ def load_weights_in_place(
         >>> path = save_checkpoint_dir({"state_dict": saved.state_dict(), "epoch": 3}, path)
         >>> model = torch.nn.Linear(2, 2)
         >>> checkpoint = load_weights_in_place(*Storage.open(path), model)
-        >>> torch.equal(model.weight, saved.weight), checkpoint["state_dict"]["weight"] is model.state_dict()["weight"]
-        (True, False)
-        >>> checkpoint["state_dict"]["weight"].data_ptr() == model.weight.data_ptr(), checkpoint["epoch"]
-        (True, 3)
+        >>> weight = checkpoint["state_dict"]["weight"]
+        >>> torch.equal(model.weight, saved.weight), weight.data_ptr() == model.weight.data_ptr(), checkpoint["epoch"]
+        (True, True, 3)
     """
-    manifest = read_manifest(storage, ckpt_dir)
-    check_sizes(storage, ckpt_dir, manifest)
-    reader = PieceReader(storage, ckpt_dir, manifest, verify=verify)
-    tensors = manifest.logical_tensors()
-    skeleton = _skeleton(storage, ckpt_dir, manifest, weights_only)
+    reader, tensors, skeleton = open_pieces(storage, ckpt_dir, verify=verify, weights_only=weights_only)
     saved = skeleton.get("state_dict")
     if not isinstance(saved, dict):
         raise CorruptCheckpointError(f"{storage.url(ckpt_dir)} holds no 'state_dict': it is not a Lightning checkpoint")
@@ -253,9 +244,8 @@ def load_weights_in_place(
     _fill_model(reader, tensors, own, strict, "state_dict")
     reader.run_queued()
     loaded = {name for name in own if join_key("state_dict", name) in tensors}
-    others = _merged(reader, tensors, {name: value for name, value in saved.items() if name not in loaded})
-    rest = _merged(reader, tensors, {key: value for key, value in skeleton.items() if key != "state_dict"})
-    rest["state_dict"] = {name: own[name] if name in loaded else others[name] for name in saved}
+    rest = _merged(reader, tensors, {**skeleton, "state_dict": {n: v for n, v in saved.items() if n not in loaded}})
+    rest["state_dict"] = {name: own[name] if name in loaded else rest["state_dict"][name] for name in saved}
     return rest
 
 
@@ -271,6 +261,17 @@ def _at(tree: Any, path: Sequence[Any]) -> Any:
     return tree
 
 
+def open_pieces(
+    storage: Storage, ckpt_dir: str, *, verify: bool, weights_only: bool | None
+) -> tuple[PieceReader, dict[str, LogicalTensor], dict[str, Any]]:
+    """A committed checkpoint opened for piece reads: its reader, its tensors by key, and its unpickled skeleton
+    (the dict with a marker where each tensor goes; sizes checked, nothing else read yet)."""
+    manifest = read_manifest(storage, ckpt_dir)
+    check_sizes(storage, ckpt_dir, manifest)
+    reader = PieceReader(storage, ckpt_dir, manifest, verify=verify)
+    return reader, manifest.logical_tensors(), _skeleton(storage, ckpt_dir, manifest, weights_only)
+
+
 def _skeleton(storage: Storage, ckpt_dir: str, manifest: Manifest, weights_only: bool | None) -> dict[str, Any]:
     if manifest.objects_file is None:
         return {}
@@ -283,18 +284,19 @@ def _skeleton(storage: Storage, ckpt_dir: str, manifest: Manifest, weights_only:
 
 def _merged(reader: PieceReader, tensors: Mapping[str, LogicalTensor], skeleton: Any) -> Any:
     """``skeleton`` with each marker replaced by its whole tensor (read now, in file order; only those it names)."""
-    wanted = [tensors[key] for key in set(_markers(skeleton)) if key in tensors]
+    wanted = [tensors[key] for key in set(markers(skeleton)) if key in tensors]
     wanted.sort(key=lambda t: min((p.file, p.offset) for p in t.pieces) if t.pieces else ("", 0))
     return merge_tensors(skeleton, {tensor.key: reader.whole(tensor) for tensor in wanted})
 
 
-def _markers(value: Any) -> list[str]:
+def markers(value: Any) -> list[str]:
+    """The tensor keys whose markers ``value`` (a skeleton or part of one) holds."""
     if isinstance(value, dict):
         if TENSOR_MARKER in value and isinstance(value[TENSOR_MARKER], str):
             return [value[TENSOR_MARKER]]
-        return [key for item in value.values() for key in _markers(item)]
+        return [key for item in value.values() for key in markers(item)]
     if isinstance(value, (list, tuple)):
-        return [key for item in value for key in _markers(item)]
+        return [key for item in value for key in markers(item)]
     return []
 
 

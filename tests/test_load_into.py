@@ -217,3 +217,12 @@ def test_a_model_that_edits_the_checkpoint_in_on_load_checkpoint_gets_the_whole_
     assert not any("into the model in place" in r.getMessage() for r in caplog.records)
     assert torch.equal(model.net[2].bias, own_bias) and not torch.equal(own_bias, saved["net.2.bias"])
     assert torch.equal(model.net[0].weight, saved["net.0.weight"])
+
+
+def test_importing_the_module_does_not_hide_the_function() -> None:
+    import importlib
+
+    import lightning_ckpt
+
+    importlib.import_module("lightning_ckpt.into")  # as doctest collection does
+    assert lightning_ckpt.load_into is load_into and callable(lightning_ckpt.load_into)

@@ -20,9 +20,8 @@ import torch
 
 from lightning_ckpt.discovery import resolve
 from lightning_ckpt.errors import CorruptCheckpointError
-from lightning_ckpt.inplace import PieceReader, _markers, _skeleton
+from lightning_ckpt.inplace import PieceReader, markers, open_pieces
 from lightning_ckpt.manifest import LogicalTensor
-from lightning_ckpt.reader import check_sizes, read_manifest
 from lightning_ckpt.sharded import distributed_tensor_kind
 from lightning_ckpt.tree import join_key
 
@@ -81,12 +80,9 @@ def load_into(
             f"{storage.url(ckpt_dir)} is a single-file checkpoint; load_into reads checkpoint directories of this"
             " package (use torch.load, or lightning-ckpt cp, for other files)"
         )
-    manifest = read_manifest(storage, ckpt_dir)
-    check_sizes(storage, ckpt_dir, manifest)
-    reader = PieceReader(storage, ckpt_dir, manifest, verify=verify_checksums)
-    stored = _skeleton(storage, ckpt_dir, manifest, weights_only)
+    reader, tensors, stored = open_pieces(storage, ckpt_dir, verify=verify_checksums, weights_only=weights_only)
     missing: list[str] = []
-    _walk(reader, manifest.logical_tensors(), state, stored, (), missing)
+    _walk(reader, tensors, state, stored, (), missing)
     if strict and missing:
         shown = ", ".join(repr(k) for k in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CorruptCheckpointError(
@@ -120,7 +116,7 @@ def _walk(
             _walk(reader, tensors, value, below if below is not _ABSENT else None, here, missing)
         elif below is _ABSENT:
             missing.append(join_key(*here))
-        elif isinstance(state, dict) and not _markers(below):
+        elif isinstance(state, dict) and not markers(below):
             state[name] = below
 
 
