@@ -193,6 +193,7 @@ def test_a_trainer_resume_reads_the_weights_into_the_model_and_equals_an_uninter
 
     assert any("into the model in place" in r.getMessage() for r in caplog.records)
     assert {name: p.data_ptr() for name, p in model.state_dict().items()} == weights
+    assert (resumed.global_step, resumed.current_epoch) == (full.global_step, full.current_epoch) == (24, 3)
     expected, got = _everything(full), _everything(resumed)
     assert got.keys() == expected.keys()
     for key, value in expected.items():
