@@ -38,7 +38,8 @@ def entry_rows(files: Sequence[FileEntry], tensors: Sequence[TensorEntry]) -> di
         return {
             "files": [[f.name, f.size, f.checksum, f.rank] for f in files],
             "tensors": [
-                [t.key, t.dtype, list(t.shape), t.file, t.offset, t.nbytes, t.device, t.crc32, _chunk_row(t.chunk_of)]
+                [t.key, t.dtype, list(t.shape), t.file, t.offset, t.nbytes, t.device, t.crc32, _chunk_row(t.chunk_of),
+                 t.digest]
                 for t in tensors
             ],
         }
@@ -57,8 +58,8 @@ def _entries(rows: Mapping[str, Any]) -> tuple[list[FileEntry], list[TensorEntry
     with paused_gc():
         files = [FileEntry(*row) for row in rows["files"]]
         tensors = [
-            TensorEntry(k, dt, tuple(shape), f, off, n, dev, crc, _chunk_of(chunk))
-            for k, dt, shape, f, off, n, dev, crc, chunk in rows["tensors"]
+            TensorEntry(k, dt, tuple(shape), f, off, n, dev, crc, _chunk_of(chunk), digest)
+            for k, dt, shape, f, off, n, dev, crc, chunk, digest in rows["tensors"]
         ]
     return files, tensors
 
@@ -89,7 +90,7 @@ def assemble_manifest(
     tensors: dict[str, TensorEntry] = {}
     for rank in group:
         rank_files, rank_tensors = _entries(written[rank])
-        files += rank_files
+        files += [f for f in rank_files if f not in files]  # a base file several ranks reference is listed once
         tensors.update((t.key, t) for t in rank_tensors)
     if set(tensors) != keys:  # the written entries must be exactly the agreed plan
         missing, extra = sorted(keys - set(tensors)), sorted(set(tensors) - keys)

@@ -7,13 +7,14 @@ Example:
     >>> from lightning_ckpt.storage import Storage
     >>> storage, directory = Storage.open(tempfile.mkdtemp())
     >>> shard = prepare_shard({"w": torch.zeros(2)}, index=0, count=1)
-    >>> entry, tensors = write_prepared_shard(storage, directory, shard, rank=0)
-    >>> entry.name, entry.size, tensors[0].offset
+    >>> files, tensors = write_prepared_shard(storage, directory, shard, rank=0)
+    >>> files[0].name, files[0].size, tensors[0].offset
     ('shard-00000-of-00001.safetensors', 4104, 4096)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from lightning_ckpt import _faults, layout
+from lightning_ckpt.incremental import Base, split_shard
 from lightning_ckpt.manifest import ChunkOf, FileEntry, TensorEntry
 from lightning_ckpt.plan import paused_gc
 from lightning_ckpt.staging import StagedShard, StagingBuffer
@@ -95,20 +97,40 @@ def prepare_shard(
 
 
 def write_prepared_shard(
-    storage: Storage, directory: str, shard: PreparedShard, *, rank: int, direct_io: bool = True
-) -> tuple[FileEntry, list[TensorEntry]]:
-    """Write a prepared shard into ``directory``; return its file and tensor entries."""
+    storage: Storage,
+    directory: str,
+    shard: PreparedShard,
+    *,
+    rank: int,
+    direct_io: bool = True,
+    incremental: bool = False,
+    base: Base | None = None,
+) -> tuple[list[FileEntry], list[TensorEntry]]:
+    """Write a prepared shard into ``directory``; return its file entries and tensor entries.
+
+    With ``incremental`` every piece is hashed (:mod:`lightning_ckpt.incremental`): pieces whose
+    bytes ``base`` holds are referenced instead of written (their base files follow the shard's
+    entry in the list), and the written ones carry their digests.
+    """
     path = storage.join(directory, shard.plan.file)
     image = None
     if shard.staged is not None:
         shard.staged.ready()
         image = shard.staged.padded
+    plan, split = shard.plan, None
+    if incremental:
+        split = split_shard(plan, base)
+        if split.references:
+            plan, image = split.plan, None  # the staged image holds every piece: write the changed ones alone
     if storage.is_local:
-        written = write_shard_local(path, shard.plan, rank=rank, image=image, direct_io=direct_io)
+        written = write_shard_local(path, plan, rank=rank, image=image, direct_io=direct_io)
     else:
         with storage.open_write(path) as stream:
-            written = write_shard_stream(stream, shard.plan, rank=rank, image=image)
-    return written.file, written.entries
+            written = write_shard_stream(stream, plan, rank=rank, image=image)
+    if split is None:
+        return [written.file], written.entries
+    entries = [dataclasses.replace(e, digest=split.digests[e.key]) for e in written.entries]
+    return [written.file, *split.files], entries + split.references
 
 
 def pickle_objects(skeleton: Any) -> bytes:

@@ -54,6 +54,7 @@ from lightning_ckpt.checkpoint import PreparedShard, pickle_objects, prepare_sha
 from lightning_ckpt.commit import Commit, commit_dir, stage_dir, update_latest
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.hooks import WriterHook as WriterHook
+from lightning_ckpt.incremental import Base, IncrementalState, check_references
 from lightning_ckpt.plan import replicated_test
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.storage import Storage
@@ -128,6 +129,8 @@ class PreparedSave:
     hooks: Sequence[WriterHook] = ()
     error: BaseException | None = None
     keys: frozenset[str] = frozenset()
+    incremental: IncrementalState | None = None
+    base: Base | None = None
 
     @property
     def url(self) -> str:
@@ -163,8 +166,13 @@ def prepare_save(
     staging: StagingBuffer | None = None,
     replicated: Any = None,
     verify_replicas: bool = False,
+    incremental: IncrementalState | None = None,
 ) -> PreparedSave:
     """The blocking part of a save (steps 1-2 of the module docstring): agree on the plan, split, snapshot.
+
+    With ``incremental`` (this rank's :class:`~lightning_ckpt.incremental.IncrementalState`) the
+    pieces whose bytes its base holds are referenced instead of written, and the state learns the
+    outcome when :func:`finish_save` ends.
 
     The plan (:mod:`lightning_ckpt.agree`) writes ``replicated`` tensors (keys, or a test
     ``(key, tensor) -> bool``; see :func:`lightning_ckpt.plan.replicated_test`) split across the
@@ -205,6 +213,8 @@ def prepare_save(
         nonce=nonce,
         metadata=dict(metadata or {}),
         hooks=tuple(hooks),
+        incremental=incremental,
+        base=incremental.plan(storage, target) if incremental is not None else None,
     )
     try:
         tensors = agreed.tensors
@@ -219,6 +229,18 @@ def prepare_save(
 
 def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult:
     """Write this rank's files, meet at the barrier, commit on the leader (steps 2-7 of the module docstring)."""
+    if prepared.incremental is None:
+        return _finish_save(prepared, direct_io=direct_io)
+    try:
+        result = _finish_save(prepared, direct_io=direct_io)
+    except BaseException:
+        prepared.incremental.committed(prepared.storage, prepared.target, False)  # the next save is full
+        raise
+    prepared.incremental.committed(prepared.storage, prepared.target, True)
+    return result
+
+
+def _finish_save(prepared: PreparedSave, *, direct_io: bool) -> SaveResult:
     storage, target, exchange = prepared.storage, prepared.target, prepared.exchange
     folder, name = storage.dirname(target), storage.basename(target)
     is_leader = exchange.rank == prepared.leader
@@ -230,9 +252,9 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
             assert prepared.shard is not None
             staged = stage_dir(storage, folder, name, token=prepared.nonce, leader=is_leader)
             _faults.reached("shard.before", exchange.rank)
-            shard, entries = write_prepared_shard(storage, staged, prepared.shard, rank=exchange.rank,
-                                                  direct_io=direct_io)  # fmt: skip
-            files = [shard]
+            files, entries = write_prepared_shard(storage, staged, prepared.shard, rank=exchange.rank,
+                                                  direct_io=direct_io, incremental=prepared.incremental is not None,
+                                                  base=prepared.base)  # fmt: skip
             if prepared.objects is not None:
                 files.append(write_objects(storage, staged, prepared.objects, rank=exchange.rank))
             for hook in prepared.hooks:
@@ -264,6 +286,7 @@ def _commit(
     """The leader's commit (step 5): the manifest of every rank's entries, then the pointer."""
     manifest = assemble_manifest(name, written, group=prepared.group, keys=prepared.keys, info=prepared.info,
                                  metadata=prepared.metadata)  # fmt: skip
+    check_references(storage, staged, manifest)
     _faults.reached("commit.before_manifest", prepared.exchange.rank)
     commit_dir(storage, folder, name, staged, manifest)
     _faults.reached("commit.before_pointer", prepared.exchange.rank)
@@ -305,6 +328,7 @@ def prepare_alone(
     latest_filename: str | None = None,
     metadata: Mapping[str, Any] | None = None,
     staging: StagingBuffer | None = None,
+    incremental: IncrementalState | None = None,
 ) -> PreparedSave:
     """The blocking part of a save by this process alone: :func:`prepare_save` over a one-rank exchange.
 
@@ -327,6 +351,7 @@ def prepare_alone(
         latest_filename=latest_filename,
         metadata=metadata,
         staging=staging,
+        incremental=incremental,
     )
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_LATEST_FILENAME",
     "DIST_VARIABLES",
     "FORMAT_VERSION",
+    "FULL_FORMAT_VERSION",
     "LOCK_FILENAME",
     "MANIFEST_FILENAME",
     "OBJECTS_FILENAME",
@@ -73,22 +74,26 @@ __all__ = [
     "dist_values",
     "is_hidden_name",
     "is_partial_dirname",
+    "is_file_name",
     "is_plain_name",
     "is_temp_filename",
     "is_trash_dirname",
     "parse_probe_filename",
+    "parse_reference",
     "parse_shard_filename",
     "partial_dirname",
     "pointer_filename",
     "probe_filename",
+    "reference_name",
     "shard_filename",
     "temp_filename",
     "temp_prefix",
     "trash_dirname",
 ]
 
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)  # v1 (0.1.x: one whole tensor per entry) is read forever
+FORMAT_VERSION = 3  # the newest this version reads; a checkpoint without references is still written as 2
+FULL_FORMAT_VERSION = 2  # written when every file is the checkpoint's own (readers back to 0.2 read it)
+READABLE_FORMAT_VERSIONS = (1, 2, 3)  # v1 (0.1.x: one whole tensor per entry) is read forever
 MANIFEST_FILENAME = "manifest.json"
 OBJECTS_FILENAME = "objects.pt"
 SHARD_SUFFIX = ".safetensors"
@@ -280,6 +285,43 @@ def is_plain_name(name: str) -> bool:
     if not isinstance(name, str) or name in ("", ".", ".."):
         return False
     return not any(bad in name for bad in ("/", "\\", "\0"))
+
+
+def reference_name(checkpoint: str, file: str) -> str:
+    """How an incremental checkpoint names file ``file`` of the earlier checkpoint ``checkpoint`` (a sibling).
+
+    Example:
+        >>> reference_name("ep0-ba4", "shard-00000-of-00001.safetensors")
+        '../ep0-ba4/shard-00000-of-00001.safetensors'
+    """
+    if not is_plain_name(checkpoint) or not is_plain_name(file):
+        raise ValueError(f"checkpoint={checkpoint!r} and file={file!r} must both be plain names")
+    return f"../{checkpoint}/{file}"
+
+
+def parse_reference(name: str) -> tuple[str, str] | None:
+    """``(checkpoint, file)`` of a :func:`reference_name`, or ``None`` for any other name.
+
+    Example:
+        >>> parse_reference("../ep0-ba4/objects.pt"), parse_reference("objects.pt"), parse_reference("../../x/y")
+        (('ep0-ba4', 'objects.pt'), None, None)
+    """
+    if not isinstance(name, str) or not name.startswith("../"):
+        return None
+    parts = name[3:].split("/")
+    if len(parts) != 2 or not all(is_plain_name(p) for p in parts):
+        return None
+    return parts[0], parts[1]
+
+
+def is_file_name(name: str) -> bool:
+    """Whether ``name`` may appear in a manifest: a plain name, or a file of a sibling checkpoint.
+
+    Example:
+        >>> is_file_name("objects.pt"), is_file_name("../ep0-ba4/objects.pt"), is_file_name("../../etc/passwd")
+        (True, True, False)
+    """
+    return is_plain_name(name) or parse_reference(name) is not None
 
 
 def cache_path(cache_dir: str, remote_folder_url: str, kind: str) -> str:

@@ -54,9 +54,10 @@ def _chunk_json(entry: TensorEntry) -> str:
     offsets = ", ".join(map(str, chunk.offsets if chunk else (0,) * len(entry.shape)))
     sizes = ", ".join(map(str, entry.shape))
     crc = "null" if entry.crc32 is None else _quote(entry.crc32)
+    digest = "" if entry.digest is None else f', "xxh3_128": {_quote(entry.digest)}'
     return (
         f'{{"byte_offset": {entry.offset}, "crc32": {crc}, "file": {_quote(entry.file)},'
-        f' "nbytes": {entry.nbytes}, "offsets": [{offsets}], "sizes": [{sizes}]}}'
+        f' "nbytes": {entry.nbytes}, "offsets": [{offsets}], "sizes": [{sizes}]{digest}}}'
     )
 
 
@@ -78,6 +79,7 @@ def _piece_of(tensor: dict[str, Any], chunk: dict[str, Any], whole: bool) -> Ten
     return TensorEntry(
         layout.chunk_key(key, offsets) if chunk_of else key, tensor["dtype"], sizes, chunk["file"],
         chunk["byte_offset"], chunk["nbytes"], tensor.get("device", "cpu"), chunk.get("crc32"), chunk_of,
+        chunk.get("xxh3_128"),
     )  # fmt: skip
 
 
@@ -178,6 +180,8 @@ class TensorEntry:
         device: the device it was saved from, e.g. ``"cpu"`` or ``"cuda:0"``.
         crc32: ``"crc32:<8 hex digits>"`` of its bytes (format v2), ``None`` in a v1 checkpoint.
         chunk_of: for a chunk of a sharded tensor, which tensor and where in it; ``None`` for a whole tensor.
+        digest: ``"xxh3_128:<32 hex digits>"`` of its bytes, recorded by incremental saves
+            (:mod:`lightning_ckpt.incremental`) so a later save can tell unchanged bytes; ``None`` otherwise.
     """
 
     key: str
@@ -189,6 +193,7 @@ class TensorEntry:
     device: str = "cpu"
     crc32: str | None = None
     chunk_of: ChunkOf | None = None
+    digest: str | None = None
 
     @property
     def tensor_key(self) -> str:
@@ -249,8 +254,35 @@ class Manifest:
 
     @property
     def total_bytes(self) -> int:
-        """Sum of the sizes of every file of the checkpoint."""
+        """Sum of the sizes of every file of the checkpoint (its own and the ones it references)."""
         return sum(f.size for f in self.files)
+
+    @property
+    def own_files(self) -> list[FileEntry]:
+        """The files in the checkpoint's own directory (what its save wrote)."""
+        return [f for f in self.files if layout.parse_reference(f.name) is None]
+
+    @property
+    def referenced_files(self) -> list[FileEntry]:
+        """Files of earlier checkpoints that this (incremental) checkpoint reads tensors from."""
+        return [f for f in self.files if layout.parse_reference(f.name) is not None]
+
+    @property
+    def references(self) -> frozenset[str]:
+        """Names of the earlier checkpoints (siblings in the folder) whose files this one needs.
+
+        Example:
+            >>> m = Manifest(name="b", epoch=0, global_step=2, world_size=1, tensors={},
+            ...              files=[FileEntry("../a/shard-00000-of-00001.safetensors", 8192, "crc32:00000000", 0)])
+            >>> sorted(m.references), m.format_version_to_write
+            (['a'], 3)
+        """
+        return frozenset(ref[0] for f in self.files if (ref := layout.parse_reference(f.name)) is not None)
+
+    @property
+    def format_version_to_write(self) -> int:
+        """3 when the checkpoint references earlier ones (older readers must refuse it), else 2."""
+        return layout.FORMAT_VERSION if self.references else layout.FULL_FORMAT_VERSION
 
     def file(self, name: str) -> FileEntry:
         """The entry of file ``name``."""
@@ -289,8 +321,9 @@ class Manifest:
         """The manifest as JSON: sorted keys, one line per file and per tensor.
 
         Built without :func:`dataclasses.asdict` (which deep-copies every field of every entry) and
-        formatted directly per tensor: a 100,000-tensor manifest takes well under a second. Always
-        format version 2 (:data:`~lightning_ckpt.layout.FORMAT_VERSION`), whatever was read.
+        formatted directly per tensor: a 100,000-tensor manifest takes well under a second. Format
+        version 2, or 3 when it references files of earlier checkpoints (:attr:`format_version_to_write`),
+        whatever was read.
 
         Example:
             >>> m = Manifest(name="a", epoch=0, global_step=1, world_size=1, files=[], tensors={}, created=0.0)
@@ -306,7 +339,7 @@ class Manifest:
                     else:
                         text = _json_lines([_entry_json(f) for f in self.files])
             else:
-                value = layout.FORMAT_VERSION if name == "format_version" else getattr(self, name)
+                value = self.format_version_to_write if name == "format_version" else getattr(self, name)
                 text = json.dumps(value, indent=1, sort_keys=True).replace("\n", "\n ")
             lines.append(f" {json.dumps(name)}: {text}")
         return ("{\n" + ",\n".join(lines) + "\n}").encode()
@@ -359,9 +392,15 @@ class Manifest:
     def _validate(self, source: str) -> None:
         names = {f.name for f in self.files}
         for entry in self.files:
-            if not layout.is_plain_name(entry.name):
+            if not layout.is_file_name(entry.name):
                 raise CorruptCheckpointError(
-                    f"{source}: file name {entry.name!r} is not a plain name inside the checkpoint directory"
+                    f"{source}: file name {entry.name!r} is neither a plain name inside the checkpoint directory"
+                    " nor '../<checkpoint>/<file>' (a file of an earlier checkpoint in the same folder)"
+                )
+            if self.format_version < layout.FORMAT_VERSION and layout.parse_reference(entry.name) is not None:
+                raise CorruptCheckpointError(
+                    f"{source}: file {entry.name!r} belongs to another checkpoint, which format_version"
+                    f" {self.format_version} cannot express; the manifest is damaged"
                 )
             if entry.size < 0:
                 raise CorruptCheckpointError(f"{source}: file {entry.name!r} has negative size {entry.size}")

@@ -89,8 +89,17 @@ class Storage(ABC):
         """The path as a user would type it: plain for local disk, ``protocol://path`` otherwise."""
 
     def join(self, *parts: str) -> str:
-        """Join path components with ``/``."""
-        return "/".join(p.rstrip("/") for p in parts[:-1]) + "/" + parts[-1].lstrip("/")
+        """Join path components with ``/``; ``..`` in the last part (a file of a sibling checkpoint) is resolved.
+
+        Example:
+            >>> FsspecStorage(None, "s3").join("bucket/run/ba8", "../ba4/shard-00000-of-00001.safetensors")
+            'bucket/run/ba4/shard-00000-of-00001.safetensors'
+        """
+        head = "/".join(p.rstrip("/") for p in parts[:-1])
+        tail = parts[-1].lstrip("/")
+        while tail.startswith("../") and "/" in head:
+            head, tail = head.rsplit("/", 1)[0], tail[3:]
+        return head + "/" + tail
 
     def basename(self, path: str) -> str:
         """The last component of ``path``."""
@@ -212,7 +221,7 @@ class LocalStorage(Storage):
         return path
 
     def join(self, *parts: str) -> str:
-        return os.path.join(*parts)
+        return os.path.join(*parts)  # "../ba4/x" is left to the OS: it resolves it from the real directory
 
     def basename(self, path: str) -> str:
         return os.path.basename(path)

@@ -184,13 +184,26 @@ def test_flipped_byte_fails_the_checksum(tmp_path: Path) -> None:
         read_checkpoint(str(path))
 
 
-@pytest.mark.parametrize("bad_name", ["../escape.bin", "/etc/passwd", "sub/file", ".."])
+@pytest.mark.parametrize(
+    "bad_name", ["../escape.bin", "/etc/passwd", "sub/file", "..", "../../up/x.bin", "../a/../b/x.bin", "../../x"]
+)
 def test_manifest_naming_files_outside_its_directory_is_rejected(tmp_path: Path, bad_name: str) -> None:
     path = _committed(tmp_path)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["files"][0]["name"] = bad_name
     (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CorruptCheckpointError, match=r"manifest\.json: file name .* is not a plain name"):
+    with pytest.raises(CorruptCheckpointError, match=r"manifest\.json: file name .* is neither a plain name"):
+        read_checkpoint(str(path))
+
+
+def test_a_version_2_manifest_may_not_name_another_checkpoints_file(tmp_path: Path) -> None:
+    """Only format_version 3 (incremental checkpoints) references files of a sibling checkpoint."""
+    path = _committed(tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format_version"] == 2
+    manifest["files"][0]["name"] = "../other/shard-00000-of-00001.safetensors"
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match=r"belongs to another checkpoint, which format_version 2 cannot"):
         read_checkpoint(str(path))
 
 

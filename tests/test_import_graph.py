@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lightning_ckpt"
 
 _MECHANISM = """pipeline saves collective assembly agree mirror upload transfer writer fastwrite reader file_reads
 commit targets stale checkpoint rotation discovery staging lock inflight hooks sharded preemption inplace into
-export export_source export_ckpt export_safetensors"""
+export export_source export_ckpt export_safetensors incremental"""
 _PURE = "layout naming manifest tree checksum stats redact errors _faults plan policies interval chunks"
 LAYERS: dict[str, int] = {  # 5: Lightning-facing ... 1: pure (the layers of docs/architecture.md)
     **dict.fromkeys("callback plugin _lightning demo __init__ __main__ strategies fabric_strategies".split(), 5),

@@ -14,7 +14,8 @@ from lightning_ckpt.layout import NameFormat, Progress, RankInfo
 
 
 def test_constants() -> None:
-    assert layout.FORMAT_VERSION == 2
+    assert layout.FORMAT_VERSION == 3
+    assert layout.FULL_FORMAT_VERSION == 2
     assert layout.MANIFEST_FILENAME == "manifest.json"
     assert layout.OBJECTS_FILENAME == "objects.pt"
     assert layout.SHARD_SUFFIX == ".safetensors"

@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_ckpt import CheckpointSaver, latest, read_checkpoint
+from lightning_ckpt import CheckpointSaver, latest, layout, read_checkpoint
 from lightning_ckpt.cli import main
 from lightning_ckpt.demo import TinyRegressor, build_trainer
 from lightning_ckpt.errors import CorruptCheckpointError, NewerFormatError
@@ -90,9 +90,10 @@ def test_newer_format_version_is_refused_naming_the_upgrade(
     ckpt = newest(folder)
     committed = [p for p in folder.iterdir() if not p.is_symlink() and (p / "manifest.json").exists()]
     older = sorted(p for p in committed if p != ckpt)[-1]
-    edit_manifest(ckpt, lambda data: data.update(format_version=data["format_version"] + 1))
+    edit_manifest(ckpt, lambda data: data.update(format_version=layout.FORMAT_VERSION + 1))
 
-    with pytest.raises(CorruptCheckpointError, match=r"format_version 3 was written by a newer lightning-ckpt") as err:
+    newer = layout.FORMAT_VERSION + 1
+    with pytest.raises(CorruptCheckpointError, match=rf"format_version {newer} was written by a newer lightning-ckpt") as err:
         read_checkpoint(str(ckpt))
     assert "Upgrade lightning-ckpt (pip install -U lightning-ckpt)" in str(err.value)
     assert main(["inspect", str(ckpt)]) != 0
