@@ -38,8 +38,18 @@ def entry_rows(files: Sequence[FileEntry], tensors: Sequence[TensorEntry]) -> di
         return {
             "files": [[f.name, f.size, f.checksum, f.rank] for f in files],
             "tensors": [
-                [t.key, t.dtype, list(t.shape), t.file, t.offset, t.nbytes, t.device, t.crc32, _chunk_row(t.chunk_of),
-                 t.digest]
+                [
+                    t.key,
+                    t.dtype,
+                    list(t.shape),
+                    t.file,
+                    t.offset,
+                    t.nbytes,
+                    t.device,
+                    t.crc32,
+                    _chunk_row(t.chunk_of),
+                    t.digest,
+                ]
                 for t in tensors
             ],
         }
