@@ -98,6 +98,12 @@ class CheckpointSaver(Checkpoint):
         lock_folder: hold a lock on ``folder`` for the whole fit, so a second run pointed at the same
             folder is refused before training (:class:`~lightning_ckpt.errors.FolderInUseError`). With
             ``False`` runs may share a folder; each still rotates only its own checkpoints.
+        incremental: write only the tensors whose bytes changed since the last full checkpoint (the
+            base) and reference the rest from it: for fine-tuning with frozen weights, adapters or
+            embeddings that barely move (see :mod:`lightning_ckpt.incremental`). Retention keeps a base
+            while a kept checkpoint references it. Off by default: every byte is hashed at each save,
+            which only pays when most of them do not change.
+        full_every: with ``incremental``, every this many saves writes everything and becomes the new base.
         preemption_signals: signals that announce preemption (default ``SIGTERM`` and ``SIGUSR1``,
             what Kubernetes and SLURM send); ``None`` leaves signals to Lightning. On one, the saver
             saves at the next step boundary, waits for the commit and uploads, and ends the process
@@ -143,6 +149,8 @@ class CheckpointSaver(Checkpoint):
         latest_remote_file_name: str | None = None,
         async_save: bool = True,
         lock_folder: bool = True,
+        incremental: bool = False,
+        full_every: int = 10,
         preemption_signals: Sequence[str | int] | None = DEFAULT_SIGNALS,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -160,6 +168,7 @@ class CheckpointSaver(Checkpoint):
         self._best_from_workers = ""
         self._leftovers_done = False  # uploaded once per saver, before the first "last" is loaded
         self._adopted = True  # False from on_fit_start until the resumed run is adopted (after the restore)
+        self._held: set[str] = set()  # dropped by retention, kept while incremental checkpoints reference them
         _lightning.install_last_resolver()
 
     def __getattr__(self, name: str) -> Any:
@@ -498,12 +507,18 @@ class CheckpointSaver(Checkpoint):
             latest_filename=self.catalog.pointer_for(rank),
             metadata={RUN_ID_KEY: self._run_id, **metric},
             local_folder=options.local_folder,
-            after_commit=functools.partial(delete_checkpoints, storage, folder, doomed),  # where it is kept
+            after_commit=functools.partial(self._rotate, storage, folder, doomed),  # where it is kept
             async_save=options.async_save,
             replicated=_lightning.replicated_test(trainer),  # the rest is written from rank 0's copy
             supersedes=doomed,  # queued uploads of what this save's retention drops are not made
         )
         return pending.path
+
+    def _rotate(self, storage: Storage, folder: str, doomed: list[str]) -> None:
+        """Delete what retention dropped (on the committing rank, after the commit), except bases that
+        incremental checkpoints still read: those are kept and tried again after each later save."""
+        earlier = [name for name in sorted(self._held) if storage.exists(storage.join(folder, name))]
+        self._held = set(delete_checkpoints(storage, folder, [*doomed, *earlier]))
 
     @property
     def saved_checkpoints(self) -> list[str]:
@@ -528,6 +543,8 @@ def _plugin_for(trainer: Trainer, options: SaverOptions, folder: str) -> Sharded
     """The trainer's ``ShardedCheckpointIO`` (installed if it still has the stock IO), with a remote ``folder``'s
     settings from the saver: the plugin owns them, so its uploaders see the saver's values."""
     io = _lightning.use_checkpoint_io(trainer, ShardedCheckpointIO, ShardedCheckpointIO)
+    if options.incremental:  # the saver turns it on; False leaves a plugin the user configured as it is
+        io.start_incremental(options.full_every)
     if not Storage.open(folder, options.storage_options)[0].is_local:
         io.storage_options = {**io.storage_options, **options.storage_options}
         if options.num_concurrent_uploads is not None:

@@ -40,7 +40,7 @@ import torch
 import xxhash
 
 from lightning_ckpt import layout
-from lightning_ckpt.errors import CheckpointError, ConfigError
+from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.fastwrite import tensor_bytes
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
 from lightning_ckpt.storage import Storage
@@ -50,7 +50,6 @@ __all__ = [
     "Base",
     "IncrementalState",
     "Split",
-    "check_full_every",
     "check_references",
     "digest_of",
     "references_in",
@@ -72,16 +71,6 @@ def digest_of(tensor: torch.Tensor) -> str:
         (True, False, 'xxh3_128:')
     """
     return DIGEST_PREFIX + xxhash.xxh3_128_hexdigest(tensor_bytes(tensor))
-
-
-def check_full_every(value: object) -> int:
-    """``full_every`` validated: a whole number of saves, at least 1 (1: every save is full)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            "full_every", value, "10 (every 10th save writes everything)",
-            "It must be a whole number of saves, at least 1",
-        )  # fmt: skip
-    return value
 
 
 @dataclass(frozen=True)
@@ -185,7 +174,7 @@ class IncrementalState:
     """
 
     def __init__(self, full_every: int) -> None:
-        self.full_every = check_full_every(full_every)
+        self.full_every = full_every
         self.base: Base | None = None
         self.since_full = 0
 

@@ -31,6 +31,7 @@ from lightning_ckpt.collective import SaveResult
 from lightning_ckpt.discovery import Resolved
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.layout import cache_path
+from lightning_ckpt.rotation import deletion_order
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
 from lightning_ckpt.transfer import RetryPolicy, download_checkpoint, with_retries
@@ -129,7 +130,8 @@ class RemoteMirror:
         name = remote_storage.basename(remote_target)
         local_root = os.path.dirname(local.path)
         uploader = self.uploader(remote_folder)
-        uploader.supersede(supersedes)
+        # never skip the upload of a base that a local incremental checkpoint reads from
+        uploader.supersede(deletion_order(*Storage.open(local_root), supersedes)[0] if supersedes else ())
         if stats is not None:  # its log line and metrics describe the checkpoint in the store
             stats.path = remote_storage.url(remote_target)
 
@@ -204,8 +206,9 @@ class RemoteMirror:
 
 
 def prune_local_copies(local_root: str, *, keep: str, uploaded: Sequence[str]) -> None:
-    """Delete local copies of checkpoints already committed in the store, except ``keep`` (the newest)."""
+    """Delete local copies of checkpoints already committed in the store, except ``keep`` (the newest) and
+    the bases that the copies kept read from (the next incremental save references them locally)."""
     storage, root = Storage.open(local_root)
-    for name in set(uploaded) - {keep}:
-        if storage.exists(storage.join(root, name)):
-            remove_checkpoint_dir(storage, storage.join(root, name))
+    present = [name for name in sorted(set(uploaded) - {keep}) if storage.exists(storage.join(root, name))]
+    for name in deletion_order(storage, root, present)[0]:
+        remove_checkpoint_dir(storage, storage.join(root, name))

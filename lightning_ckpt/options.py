@@ -109,6 +109,8 @@ class SaverOptions:
     weights_only: bool
     async_save: bool
     lock_folder: bool
+    incremental: bool
+    full_every: int
     preemption_signals: tuple[Any, ...]
     ignore_keys: IgnoreKeys
     retention: RetentionPolicy
@@ -145,6 +147,8 @@ class SaverOptions:
         latest_remote_file_name: str | None,
         async_save: bool,
         lock_folder: bool,
+        incremental: bool,
+        full_every: int,
         preemption_signals: Sequence[str | int] | None,
         default_run_name: Callable[[], str],
     ) -> SaverOptions:
@@ -216,6 +220,8 @@ class SaverOptions:
         weights_only = check_bool("weights_only", weights_only)
         async_save = check_bool("async_save", async_save)
         lock_folder = check_bool("lock_folder", lock_folder)
+        incremental = check_bool("incremental", incremental)
+        full_every = check_count("full_every", full_every, "10 (every 10th save writes everything)")
         signals = parse_signals(preemption_signals, "preemption_signals")
         ignore = _check_ignore_keys(ignore_keys)
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
@@ -251,6 +257,8 @@ class SaverOptions:
             weights_only=weights_only,
             async_save=async_save,
             lock_folder=lock_folder,
+            incremental=incremental,
+            full_every=full_every,
             preemption_signals=tuple(signals),
             ignore_keys=ignore,
             retention=retention,

@@ -34,12 +34,12 @@ from typing_extensions import override
 from lightning_ckpt import inflight
 from lightning_ckpt._checks import check_bool, check_count, check_directory, check_seconds
 from lightning_ckpt._lightning import InPlaceWeights, install_directory_loader
-from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.collective import PreparedSave, SaveResult, WriterHook, checkpoint_dir_path, prepare_alone
 from lightning_ckpt.discovery import Resolved, list_committed, load_resolved, resolve
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import ConfigError, TargetExistsError
 from lightning_ckpt.hooks import check_hooks
+from lightning_ckpt.incremental import IncrementalState
 from lightning_ckpt.inplace import load_in_place, load_weights_in_place
 from lightning_ckpt.locations import check_storage_options
 from lightning_ckpt.mirror import RemoteMirror, default_cache_dir
@@ -47,6 +47,7 @@ from lightning_ckpt.pipeline import PendingSave, SavePipeline
 from lightning_ckpt.plan import ReplicatedTest
 from lightning_ckpt.reader import MapLocation
 from lightning_ckpt.resume import Resumed, ResumePlan, agree, listing, load_first_verified, plan_resume
+from lightning_ckpt.rotation import delete_checkpoints
 from lightning_ckpt.saves import CollectiveSaves
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.stats import SaveStats
@@ -87,6 +88,14 @@ class ShardedCheckpointIO(CheckpointIO):
         verify_replicas: before a collective save, compare a CRC32 of every tensor the plan writes
             once for all ranks (DDP parameters and their optimizer state) across the ranks, and refuse
             the save naming the first one that differs (a diagnostic: it reads those bytes once more).
+        incremental: write only the tensors whose bytes changed since the last full checkpoint of
+            the same folder (the *base*) and reference the base's copy of the rest
+            (:mod:`lightning_ckpt.incremental`). Every byte is hashed at each save (xxh3-128); a base is
+            deleted only once no remaining checkpoint references it. Off by default: it pays only when
+            most bytes do not change (frozen weights, adapters), and its checkpoints need this
+            version of lightning-ckpt or newer to load.
+        full_every: with ``incremental``, every this many saves writes everything and becomes the new
+            base (``1``: every save is full).
 
     The parts it delegates to: :class:`~lightning_ckpt.pipeline.SavePipeline` (one save in flight),
     :class:`~lightning_ckpt.mirror.RemoteMirror` (caches, uploads, downloads) and
@@ -118,6 +127,8 @@ class ShardedCheckpointIO(CheckpointIO):
         async_save: bool = False,
         direct_io: bool = True,
         verify_replicas: bool = False,
+        incremental: bool = False,
+        full_every: int = 10,
     ) -> None:
         self.storage_options = check_storage_options(storage_options)  # a TypeError too; values are never shown
         self.barrier_timeout_s = check_seconds("barrier_timeout_s", barrier_timeout_s, "600 (seconds)")
@@ -133,6 +144,9 @@ class ShardedCheckpointIO(CheckpointIO):
         self.async_save = check_bool("async_save", async_save)
         self.verify_checksums = check_bool("verify_checksums", verify_checksums)
         self.verify_replicas = check_bool("verify_replicas", verify_replicas)
+        self.full_every = check_count("full_every", full_every, "10 (every 10th save writes everything)")
+        self.incremental = check_bool("incremental", incremental)
+        self._held: dict[str, set[str]] = {}  # folder -> checkpoints remove_checkpoint kept for their dependants
         self._pipeline = SavePipeline(direct_io=check_bool("direct_io", direct_io))
         self.mirror = RemoteMirror(self)  # reads the settings above at each use: the plugin owns them
         # Instances are created in the same order on every rank, so this names the same object everywhere.
@@ -145,6 +159,35 @@ class ShardedCheckpointIO(CheckpointIO):
 
     def __repr__(self) -> str:
         return f"ShardedCheckpointIO(async_save={self.async_save}, verify_checksums={self.verify_checksums})"
+
+    @property
+    def incremental(self) -> bool:
+        """Whether saves reference the unchanged tensors of their base instead of writing them again.
+
+        Example:
+            >>> ShardedCheckpointIO().incremental, ShardedCheckpointIO(incremental=True).incremental
+            (False, True)
+        """
+        return self._incremental is not None
+
+    @incremental.setter
+    def incremental(self, value: bool) -> None:
+        if not check_bool("incremental", value):
+            self._incremental: IncrementalState | None = None
+        elif getattr(self, "_incremental", None) is None:
+            self._incremental = IncrementalState(self.full_every)
+
+    def start_incremental(self, full_every: int) -> None:
+        """Turn incremental saves on with a new ``full_every``; the next save is full (a new base).
+
+        Example:
+            >>> io = ShardedCheckpointIO()
+            >>> io.start_incremental(full_every=5)
+            >>> io.incremental, io.full_every
+            (True, 5)
+        """
+        self.full_every = check_count("full_every", full_every, "10 (every 10th save writes everything)")
+        self._incremental = IncrementalState(self.full_every)
 
     @property
     def direct_io(self) -> bool:
@@ -215,7 +258,8 @@ class ShardedCheckpointIO(CheckpointIO):
         install_directory_loader()  # Model.load_from_checkpoint(path) in this process reads what this wrote
 
         def prepare(staging: StagingBuffer | None) -> PreparedSave:
-            return prepare_alone(checkpoint, target, storage_options=options, staging=staging)
+            return prepare_alone(checkpoint, target, storage_options=options, staging=staging,
+                                 incremental=self._incremental)  # fmt: skip
 
         self._pipeline.run(prepare, asynchronous=self.async_save, step=_step_of(checkpoint), announce=target)
 
@@ -274,7 +318,7 @@ class ShardedCheckpointIO(CheckpointIO):
             return saves.prepare(exchange, checkpoint, target, storage_options=self.storage_options,
                                  latest_filename=latest_filename, metadata=metadata, hooks=self.writer_hooks,
                                  staging=staging, replicated=replicated,
-                                 verify_replicas=self.verify_replicas)  # fmt: skip
+                                 verify_replicas=self.verify_replicas, incremental=self._incremental)  # fmt: skip
 
         def committed(result: SaveResult, stats: SaveStats) -> None:
             if not remote:
@@ -366,17 +410,18 @@ class ShardedCheckpointIO(CheckpointIO):
     def expect_resume(self, path: str, plan: ResumePlan) -> None:
         """The next load of ``path`` follows ``plan`` (the saver's ``"last"``): its first candidate that verifies.
 
-        Example:
-            >>> import os, shutil, tempfile, torch
-            >>> from lightning_ckpt.resume import Candidate, ResumePlan
-            >>> io, folder = ShardedCheckpointIO(), tempfile.mkdtemp()
-            >>> ba1, ba2 = (os.path.join(folder, name) for name in ("ba1", "ba2"))
-            >>> for step, path in ((1, ba1), (2, ba2)):
-            ...     io.save_checkpoint({"w": torch.ones(1), "global_step": step}, path)
-            >>> io.expect_resume(folder, ResumePlan((Candidate(2, ba2), Candidate(1, ba1))))
-            >>> shutil.rmtree(ba2)  # the newest one is gone: the load falls back to ba1, with a warning
-            >>> io.load_checkpoint(folder)["global_step"], io.last_resume.skipped == (ba2,)
-            (1, True)
+                Example:
+                    >>> import os, shutil, tempfile, torch
+                    >>> from lightning_ckpt.rotation import delete_checkpoints
+        from lightning_ckpt.resume import Candidate, ResumePlan
+                    >>> io, folder = ShardedCheckpointIO(), tempfile.mkdtemp()
+                    >>> ba1, ba2 = (os.path.join(folder, name) for name in ("ba1", "ba2"))
+                    >>> for step, path in ((1, ba1), (2, ba2)):
+                    ...     io.save_checkpoint({"w": torch.ones(1), "global_step": step}, path)
+                    >>> io.expect_resume(folder, ResumePlan((Candidate(2, ba2), Candidate(1, ba1))))
+                    >>> shutil.rmtree(ba2)  # the newest one is gone: the load falls back to ba1, with a warning
+                    >>> io.load_checkpoint(folder)["global_step"], io.last_resume.skipped == (ba2,)
+                    (1, True)
         """
         self._expected[os.fspath(path)] = plan
 
@@ -491,7 +536,10 @@ class ShardedCheckpointIO(CheckpointIO):
                         f"remove_checkpoint({storage.url(target)!r}): not a lightning-ckpt checkpoint or a"
                         " torch.save .ckpt file; it was not deleted"
                     ) from err
-                remove_checkpoint_dir(storage, target)
+                folder, name = storage.dirname(target.rstrip("/")), storage.basename(target.rstrip("/"))
+                # a base kept earlier for its incremental dependants is deleted once they are gone
+                earlier = sorted(n for n in self._held.get(folder, ()) if storage.exists(storage.join(folder, n)))
+                self._held[folder] = set(delete_checkpoints(storage, folder, [name, *earlier]))
 
         self._pipeline.submit(remove)  # after the save in flight, in order (ModelCheckpoint removes right after)
 

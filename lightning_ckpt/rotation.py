@@ -30,11 +30,20 @@ from lightning_ckpt import layout
 from lightning_ckpt.checkpoint import remove_checkpoint_dir
 from lightning_ckpt.discovery import list_committed
 from lightning_ckpt.errors import CheckpointError
+from lightning_ckpt.incremental import references_in
 from lightning_ckpt.layout import NameFormat
 from lightning_ckpt.policies import CheckpointRecord, RetentionPolicy, plan_deletions
 from lightning_ckpt.storage import Storage
 
-__all__ = ["METRIC_KEY", "RUN_ID_KEY", "check_writable", "delete_checkpoints", "rotate", "scan_records"]
+__all__ = [
+    "METRIC_KEY",
+    "RUN_ID_KEY",
+    "check_writable",
+    "delete_checkpoints",
+    "deletion_order",
+    "rotate",
+    "scan_records",
+]
 
 log = logging.getLogger("lightning_ckpt")
 
@@ -81,16 +90,51 @@ def rotate(
         keep_always.add(records[-1].name)
     doomed = plan_deletions(records, policy, protected=keep_always)
     if delete:
-        delete_checkpoints(storage, folder, doomed)
+        held = set(delete_checkpoints(storage, folder, doomed))
+        doomed = [name for name in doomed if name not in held]
     records[:] = [r for r in records if r.name not in set(doomed)]
     return doomed
 
 
-def delete_checkpoints(storage: Storage, folder: str, names: Collection[str]) -> None:
-    """Delete checkpoints of ``folder`` by name, each manifest first (a half-deleted one never looks committed)."""
-    for name in names:
+def deletion_order(storage: Storage, folder: str, names: Collection[str]) -> tuple[list[str], list[str]]:
+    """``names`` split into what may be deleted, in a safe order, and what incremental checkpoints still need.
+
+    A checkpoint is kept while any checkpoint of ``folder`` that is not being deleted references its
+    files (:func:`lightning_ckpt.incremental.references_in`); among those deleted, the ones that
+    reference others go first, so a crash between two deletions never leaves a dangling reference.
+
+    Example:
+        >>> import tempfile
+        >>> deletion_order(*Storage.open(tempfile.mkdtemp()), ["ba1", "ba2"])
+        (['ba1', 'ba2'], [])
+    """
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        return [], []
+    references = references_in(storage, folder)
+    doomed = set(wanted)
+    while held := {r for name, refs in references.items() if name not in doomed for r in refs} & doomed:
+        doomed -= held
+    order = [n for n in wanted if n in doomed and n in references] + [
+        n for n in wanted if n in doomed and n not in references
+    ]
+    return order, [n for n in wanted if n not in doomed]
+
+
+def delete_checkpoints(storage: Storage, folder: str, names: Collection[str]) -> list[str]:
+    """Delete checkpoints of ``folder`` by name, each manifest first (a half-deleted one never looks committed).
+
+    A checkpoint whose files a remaining incremental checkpoint reads is not deleted (see
+    :func:`deletion_order`); the names kept for that reason are returned, to be deleted later.
+    """
+    order, held = deletion_order(storage, folder, names)
+    for name in order:
         log.info("Removing old checkpoint %s", storage.url(storage.join(folder, name)))
         remove_checkpoint_dir(storage, storage.join(folder, name))
+    if held:
+        log.info("Keeping %s in %s for now: incremental checkpoints still read tensors from them", held,
+                 storage.url(folder))  # fmt: skip
+    return held
 
 
 def check_writable(storage: Storage, folder: str) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from lightning_ckpt.collective import PreparedSave, WriterHook, discover_peers, new_nonce, prepare_save
 from lightning_ckpt.dist import Exchange
+from lightning_ckpt.incremental import IncrementalState
 from lightning_ckpt.plan import ReplicatedTest
 from lightning_ckpt.staging import StagingBuffer
 from lightning_ckpt.storage import Storage
@@ -65,6 +66,7 @@ class CollectiveSaves:
         staging: StagingBuffer | None = None,
         replicated: Collection[str] | ReplicatedTest | None = None,
         verify_replicas: bool = False,
+        incremental: IncrementalState | None = None,
     ) -> PreparedSave:
         """The blocking part of one collective save into ``target`` (every rank calls it together)."""
         if self._nonce is None:
@@ -88,4 +90,5 @@ class CollectiveSaves:
             staging=staging,
             replicated=replicated,
             verify_replicas=verify_replicas,
+            incremental=incremental,
         )

@@ -349,6 +349,8 @@ def download_checkpoint(
     start = time.monotonic()
     size_mb = manifest.total_bytes / 1e6
     log.info("Downloading %s (%d files, %.1f MB)", storage.url(remote_dir), len(manifest.files), size_mb)
+    for f in manifest.referenced_files:  # an incremental checkpoint's base files go into their own sibling
+        os.makedirs(os.path.dirname(os.path.normpath(os.path.join(local_dir, f.name))), exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(manifest.files)))) as pool:
         futures = [
             pool.submit(get_file, storage, storage.join(remote_dir, f.name), os.path.join(local_dir, f.name))

@@ -44,6 +44,7 @@ from lightning_ckpt import _faults, layout
 from lightning_ckpt.commit import ManifestLastCommit
 from lightning_ckpt.dist import Exchange
 from lightning_ckpt.errors import CollectiveError, UploadError  # UploadError re-exported: its home was here
+from lightning_ckpt.incremental import check_references
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.stats import SaveStats
 from lightning_ckpt.storage import Storage
@@ -346,8 +347,11 @@ class Uploader:
     def _commit(self, job: UploadJob) -> None:
         with open(os.path.join(job.local_dir, layout.MANIFEST_FILENAME), "rb") as f:
             data = f.read()
+        remote_dir = self.storage.join(self.remote_folder, job.name)
+        if b'"../' in data:  # an incremental checkpoint: its base's files must already be in the store
+            check_references(self.storage, remote_dir, Manifest.from_json(data, source=job.local_dir))
         commit = ManifestLastCommit(self.storage, retry=self._retry)
-        commit.write_manifest(self.storage.join(self.remote_folder, job.name), data)
+        commit.write_manifest(remote_dir, data)
         if job.pointer is not None:
             commit.point_latest(self.remote_folder, job.name, job.pointer)
         with self._lock:

@@ -157,3 +157,19 @@ def test_bench_resume_smoke(tmp_path: Path) -> None:
         # each resumed at step 2, or the script fails
         assert positive(rows[variant]), variant
     assert os.listdir(tmp_path) == ["resume.json"]  # scratch files removed
+
+
+@pytest.mark.timeout(180)
+def test_bench_incremental_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "incremental.json"
+    proc = run_script("bench_incremental.py", "--dir", str(tmp_path), "--json", str(out), timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| variant | written per save MiB | written / changed |" in proc.stdout
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    for variant in ("incremental_sync", "full_sync", "incremental_async", "full_async", "dcp"):
+        assert positive(rows[variant]["durable_s"]), variant
+    # the deltas write what changed (and a header and objects.pt), the full saves everything
+    assert rows["incremental_sync"]["written_over_changed"] < 1.5 < rows["full_sync"]["written_over_changed"]
+    assert rows["incremental_async"]["stored_mib"]["median"] < rows["full_async"]["stored_mib"]["median"]
+    assert os.listdir(tmp_path) == ["incremental.json"]  # scratch files removed

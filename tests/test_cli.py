@@ -103,16 +103,16 @@ def test_ls_table_marks_latest_and_shows_incomplete(folder: Path, capsys: pytest
     code, out, _ = run(capsys, "ls", folder)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "EPOCH", "STEP", "SIZE", "SHARDS", "STATE", "AGE", "LATEST"]
+    assert lines[0].split() == ["NAME", "EPOCH", "STEP", "SIZE", "WRITTEN", "SHARDS", "STATE", "AGE", "LATEST"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert list(rows) == [*NAMES, ".ep2-ba24.partial-abc123", "ep2-ba20"]
     for name in NAMES:
         epoch, step = name[2], name.split("-ba")[1]
-        assert rows[name][1:3] == [epoch, step] and rows[name][5:7] == ["1", "committed"], rows[name]
+        assert rows[name][1:3] == [epoch, step] and rows[name][7:9] == ["1", "committed"], rows[name]
     assert [name for name, cells in rows.items() if cells[-1] == "latest"] == ["ep1-ba16"]
     assert rows["ep1-ba16"][-2:] == ["<-", "latest"]
-    assert rows["ep2-ba20"][1:] == ["-", "-", "-", "-", "incomplete", "-"]
-    assert rows[".ep2-ba24.partial-abc123"][5] == "incomplete"
+    assert rows["ep2-ba20"][1:] == ["-", "-", "-", "-", "-", "incomplete", "-"]
+    assert rows[".ep2-ba24.partial-abc123"][6] == "incomplete"
 
     code, out, _ = run(capsys, "ls", folder, "--json")
     listed = json.loads(out)
@@ -217,7 +217,7 @@ def test_cp_to_and_from_s3_verifies_and_refuses_a_corrupt_source(
     code, out, _ = run(capsys, *options, "cp", folder / "ep1-ba16", remote)
     assert code == 0 and out.strip() == f"copied to {remote}"
     code, out, _ = run(capsys, "ls", f"{s3_bucket.url}/run", *options)
-    assert code == 0 and out.splitlines()[1].split()[6] == "uploaded"
+    assert code == 0 and out.splitlines()[1].split()[8] == "uploaded"
 
     back = tmp_path / "back"
     code, out, _ = run(capsys, *options, "cp", remote, f"{back}/")

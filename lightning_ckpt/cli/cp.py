@@ -21,7 +21,7 @@ from lightning_ckpt.checksum import checksum_string, crc32
 from lightning_ckpt.cli._common import UsageError, parse_storage_options, progress, resolve_dir
 from lightning_ckpt.commit import commit_dir, stage_dir, update_latest
 from lightning_ckpt.errors import CheckpointError, CorruptCheckpointError
-from lightning_ckpt.manifest import FileEntry
+from lightning_ckpt.manifest import FileEntry, Manifest
 from lightning_ckpt.reader import read_manifest
 from lightning_ckpt.storage import Storage
 
@@ -80,6 +80,24 @@ def _refuse_copy_into_itself(src_url: str, dst_url: str, src: str, dst: str) -> 
         )
 
 
+def _own_name(name: str) -> str:
+    """The name a file gets in a copy: its own, or for a file of the base checkpoint, ``base-<base>-<file>``.
+
+    Example:
+        >>> _own_name("objects.pt"), _own_name("../ep0-ba8/shard-00000-of-00001.safetensors")
+        ('objects.pt', 'base-ep0-ba8-shard-00000-of-00001.safetensors')
+    """
+    reference = layout.parse_reference(name)
+    return name if reference is None else f"base-{reference[0]}-{reference[1]}"
+
+
+def _self_contained(manifest: Manifest, name: str, renamed: dict[str, str]) -> Manifest:
+    """The copy's manifest: every file in its own directory (an incremental checkpoint's base files renamed)."""
+    files = [dataclasses.replace(f, name=renamed[f.name]) for f in manifest.files]
+    tensors = {k: dataclasses.replace(t, file=renamed[t.file]) for k, t in manifest.tensors.items()}
+    return dataclasses.replace(manifest, name=name, files=files, tensors=tensors)
+
+
 def copy_checkpoint(
     src: str,
     dst: str,
@@ -91,11 +109,13 @@ def copy_checkpoint(
 ) -> str:
     """Copy the committed checkpoint ``src`` to ``dst``, verifying every file; the manifest is written last.
 
-    A file whose size or checksum does not match the source manifest stops the copy and nothing is
-    committed at ``dst``. ``src_storage_options`` / ``dst_storage_options`` are each end's fsspec
-    options; either one that is ``None`` is ``storage_options``. With ``set_latest``, the ``latest``
-    pointers of ``dst``'s folder (the pointer file, and locally the symlink) then name the copy;
-    otherwise they are not touched. Returns the committed URL.
+    The copy is self-contained: the files of an incremental checkpoint's base that it reads from are
+    copied into it (as ``base-<base>-<file>``), so it loads without the base and is a full checkpoint
+    (``format_version`` 2). A file whose size or checksum does not match the source manifest stops
+    the copy and nothing is committed at ``dst``. ``src_storage_options`` / ``dst_storage_options``
+    are each end's fsspec options; either one that is ``None`` is ``storage_options``. With
+    ``set_latest``, the ``latest`` pointers of ``dst``'s folder (the pointer file, and locally the
+    symlink) then name the copy; otherwise they are not touched. Returns the committed URL.
 
     Example:
         >>> import tempfile, os, torch
@@ -116,16 +136,17 @@ def copy_checkpoint(
     if dst_storage.exists(dst_storage.join(dst_folder, name, layout.MANIFEST_FILENAME)):
         raise CheckpointError(f"{dst_storage.url(dst_storage.join(dst_folder, name))} is already a checkpoint")
     staged = stage_dir(dst_storage, dst_folder, name)
+    renamed = {f.name: _own_name(f.name) for f in manifest.files}
     try:
         with progress(manifest.total_bytes, "copy") as bar:
             for entry in manifest.files:
                 src_path = src_storage.join(src_dir, entry.name)
                 with (
                     src_storage.open_read(src_path) as f,
-                    _open_dst(dst_storage, dst_storage.join(staged, entry.name)) as g,
+                    _open_dst(dst_storage, dst_storage.join(staged, renamed[entry.name])) as g,
                 ):
                     _copy_stream(f, g, entry, src_storage.url(src_path), bar)
-        committed = commit_dir(dst_storage, dst_folder, name, staged, dataclasses.replace(manifest, name=name))
+        committed = commit_dir(dst_storage, dst_folder, name, staged, _self_contained(manifest, name, renamed))
     except BaseException:
         dst_storage.remove_tree(staged)
         raise

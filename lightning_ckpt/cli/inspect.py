@@ -55,6 +55,8 @@ def inspect_checkpoint(path: str, storage_options: dict[str, Any] | None = None)
         "created": manifest.created,
         "format_version": manifest.format_version,
         "total_bytes": manifest.total_bytes,
+        "written_bytes": sum(f.size for f in manifest.own_files),
+        "references": sorted(manifest.references),
         "files": [dataclasses.asdict(f) for f in manifest.files],
         "tensors": [_tensor_info(t) for t in manifest.logical_tensors().values()],
         "object_keys": _object_keys(storage, ckpt_dir, manifest),
@@ -85,6 +87,9 @@ def _print_inspect(info: dict[str, Any]) -> None:
     print(f"weights only {info['weights_only']}")
     print(f"created      {created}")
     print(f"size         {human_size(info['total_bytes'])}")
+    if info["references"]:
+        referenced, bases = human_size(info["total_bytes"] - info["written_bytes"]), ", ".join(info["references"])
+        print(f"written      {human_size(info['written_bytes'])}; {referenced} read from {bases}")
     print(f"\nfiles ({len(info['files'])})")
     files = [[f["name"], human_size(f["size"]), f["checksum"], str(f["rank"])] for f in info["files"]]
     print(format_table(["NAME", "SIZE", "CHECKSUM", "RANK"], files))

@@ -40,6 +40,8 @@ class CheckpointRow:
         shards: number of tensor shard files (``None`` unless committed).
         created: the manifest's creation time (``None`` unless committed).
         latest: whether the folder's ``latest`` pointer names it.
+        written: bytes of its own files, what its save wrote (``size`` less what it references).
+        references: the earlier checkpoints whose files it reads (an incremental checkpoint's base).
 
     Example:
         >>> CheckpointRow("ep0-ba8", "committed", 0, 8, 4096, 1, 0.0, True).latest
@@ -54,6 +56,8 @@ class CheckpointRow:
     shards: int | None = None
     created: float | None = None
     latest: bool = False
+    written: int | None = None
+    references: tuple[str, ...] = ()
 
 
 def _shard_count(manifest: Manifest) -> int:
@@ -106,6 +110,8 @@ def list_checkpoints(folder: str, storage_options: dict[str, Any] | None = None)
             shards=_shard_count(m),
             created=m.created,
             latest=name == latest,
+            written=sum(f.size for f in m.own_files),
+            references=tuple(sorted(m.references)),
         )
         for name, m in list_committed(storage, root)
     ]
@@ -121,6 +127,7 @@ def _ls_cells(row: CheckpointRow, now: float) -> list[str]:
         show(row.epoch),
         show(row.step),
         "-" if row.size is None else human_size(row.size),
+        "-" if row.written is None else human_size(row.written) + "".join(f" +{r}" for r in row.references),
         show(row.shards),
         row.state,
         "-" if row.created is None else human_age(now - row.created),
@@ -145,7 +152,7 @@ def cmd_ls(args: argparse.Namespace, options: dict[str, Any]) -> int:
     if not rows:
         print(f"no checkpoints in {args.folder}")
         return 0
-    header = ["NAME", "EPOCH", "STEP", "SIZE", "SHARDS", "STATE", "AGE", "LATEST"]
+    header = ["NAME", "EPOCH", "STEP", "SIZE", "WRITTEN", "SHARDS", "STATE", "AGE", "LATEST"]
     now = time.time()
     print(format_table(header, [_ls_cells(r, now) for r in rows]))
     return 0

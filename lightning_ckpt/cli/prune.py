@@ -10,7 +10,7 @@ from lightning_ckpt.cli._common import UsageError, latest_name
 from lightning_ckpt.errors import CheckpointNotFoundError
 from lightning_ckpt.lock import FolderLock
 from lightning_ckpt.policies import build_retention_policy
-from lightning_ckpt.rotation import rotate, scan_records
+from lightning_ckpt.rotation import deletion_order, rotate, scan_records
 from lightning_ckpt.storage import Storage
 
 __all__ = ["cmd_prune", "prune"]
@@ -30,7 +30,8 @@ def prune(
 
     The rules of ``CheckpointSaver(num_checkpoints_to_keep=keep, keep_every_n_steps=...)``: newest by
     step, also every checkpoint whose step is a multiple of ``keep_every_n_steps``, and never the
-    newest checkpoint or the one ``latest`` points to. Each is deleted manifest first. Deleting
+    newest checkpoint or the one ``latest`` points to, nor one whose files a checkpoint left in the folder
+    reads (an incremental checkpoint's base). Each is deleted manifest first. Deleting
     takes the folder's lock (:mod:`lightning_ckpt.lock`), so it is refused while a run saves there.
 
     Example:
@@ -52,7 +53,9 @@ def prune(
     latest = latest_name(storage, root)
     protected = {latest} if latest else set()
     if dry_run:
-        return rotate(storage, root, records, policy, protected=protected, delete=False)
+        return deletion_order(storage, root, rotate(storage, root, records, policy, protected=protected, delete=False))[
+            0
+        ]
     lock = FolderLock.acquire(storage, root, run_name="lightning-ckpt prune")  # refused while a run saves there
     try:
         return rotate(storage, root, records, policy, protected=protected)
