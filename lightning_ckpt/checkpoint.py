@@ -24,12 +24,19 @@ from typing import Any
 import torch
 
 from lightning_ckpt import _faults, layout
-from lightning_ckpt.incremental import Base, split_shard
+from lightning_ckpt.incremental import Base, split_shard, write_speculatively
 from lightning_ckpt.manifest import ChunkOf, FileEntry, TensorEntry
 from lightning_ckpt.plan import paused_gc
 from lightning_ckpt.staging import StagedShard, StagingBuffer
 from lightning_ckpt.storage import Storage
-from lightning_ckpt.writer import ShardPlan, checksum_of, plan_shard, write_shard_local, write_shard_stream
+from lightning_ckpt.writer import (
+    ShardPlan,
+    WrittenShard,
+    checksum_of,
+    plan_shard,
+    write_shard_local,
+    write_shard_stream,
+)
 
 __all__ = [
     "PreparedShard",
@@ -105,28 +112,36 @@ def write_prepared_shard(
     direct_io: bool = True,
     incremental: bool = False,
     base: Base | None = None,
+    guess: frozenset[str] | None = None,
 ) -> tuple[list[FileEntry], list[TensorEntry]]:
     """Write a prepared shard into ``directory``; return its file entries and tensor entries.
 
     With ``incremental`` every piece is hashed (:mod:`lightning_ckpt.incremental`): pieces whose
     bytes ``base`` holds are referenced instead of written (their base files follow the shard's
-    entry in the list), and the written ones carry their digests.
+    entry in the list), and the written ones carry their digests. With a ``guess`` of the pieces
+    that changed (a local file), they are written while the hashing runs
+    (:func:`~lightning_ckpt.incremental.write_speculatively`).
     """
     path = storage.join(directory, shard.plan.file)
     image = None
     if shard.staged is not None:
         shard.staged.ready()
         image = shard.staged.padded
-    plan, split = shard.plan, None
-    if incremental:
-        split = split_shard(plan, base)
-        if split.references:
-            plan, image = split.plan, None  # the staged image holds every piece: write the changed ones alone
-    if storage.is_local:
-        written = write_shard_local(path, plan, rank=rank, image=image, direct_io=direct_io)
-    else:
+
+    def write(plan: ShardPlan, image: torch.Tensor | None = None) -> WrittenShard:
+        if storage.is_local:
+            return write_shard_local(path, plan, rank=rank, image=image, direct_io=direct_io)
         with storage.open_write(path) as stream:
-            written = write_shard_stream(stream, plan, rank=rank, image=image)
+            return write_shard_stream(stream, plan, rank=rank, image=image)
+
+    split = None
+    if not incremental:
+        written = write(shard.plan, image)
+    elif base is not None and guess is not None and storage.is_local:
+        written, split = write_speculatively(shard.plan, base, guess, write, lambda: storage.remove_file(path))
+    else:
+        split = split_shard(shard.plan, base)  # the staged image holds every piece: used only if all are written
+        written = write(split.plan, None if split.references else image)
     if split is None:
         return [written.file], written.entries
     entries = [dataclasses.replace(e, digest=split.digests[e.key]) for e in written.entries]

@@ -146,7 +146,9 @@ class FolderSession:
     def upload_leftovers(self, uploader: Uploader, filename: NameFormat, pointer: str | None) -> None:
         """Upload (and wait for) checkpoints an earlier run committed locally but did not get into the store.
 
-        Global rank 0 runs it once, before ``"last"`` is loaded, so a restart resumes from them.
+        Global rank 0 runs it once, before ``"last"`` is loaded, so a restart resumes from them. Oldest
+        first, so an incremental checkpoint's base is in the store before it; only each one's own files
+        go up (a base's are uploaded with the base).
         """
         if not self.remote or self.local_root is None:
             return
@@ -159,7 +161,7 @@ class FolderSession:
         for index, (name, manifest) in enumerate(missing):
             log.info("Uploading %s, committed locally by an earlier run but not in %s", name, self.url)
             newest = index == len(missing) - 1 and manifest.global_step >= newest_stored  # it moves the pointer
-            job = UploadJob(local_dir=os.path.join(root, name), name=name, files=[f.name for f in manifest.files],
+            job = UploadJob(local_dir=os.path.join(root, name), name=name, files=[f.name for f in manifest.own_files],
                             commit=True, pointer=pointer if newest else None)  # fmt: skip
             uploader.submit(job)
         uploader.wait()

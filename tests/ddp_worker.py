@@ -99,9 +99,13 @@ class ShardedRegressor(TinyRegressor):
         """The mesh ``fully_shard`` shards over (HSDP passes the whole 2-D mesh)."""
         return self.device_mesh["data_parallel"]
 
+    freeze_first = False  # --freeze-first: the first layer frozen (requires_grad=False), as a fine-tuned base
+
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
 
+        if self.freeze_first:
+            self.net[0].requires_grad_(False)
         mesh = self.shard_mesh()
         for layer in self.net:
             if any(True for _ in layer.parameters()):
@@ -242,6 +246,8 @@ def main() -> int:
     p.add_argument("--full-state-dict", action="store_true", help="fsdp2: rank 0 gathers the full state dict")
     p.add_argument("--dump-state", default=None, help="DumpState under this prefix")
     p.add_argument("--no-validation", action="store_true", help="no validation (DDP's eval forward syncs buffers)")
+    p.add_argument("--incremental", action="store_true", help="CheckpointSaver(incremental=True)")
+    p.add_argument("--freeze-first", action="store_true", help="fsdp2: the first layer frozen")
     args = p.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -277,6 +283,7 @@ def main() -> int:
         save_interval=interval,
         num_checkpoints_to_keep=args.keep,
         run_name="ddp",
+        incremental=args.incremental,
     )
     callbacks.append(saver)
     hooks = [RecordingHook(args.hook_log, args.stall_rank, args.stall_name, args.stall_s)] if args.hook_log else []
@@ -293,6 +300,7 @@ def main() -> int:
         num_nodes=args.num_nodes,
         **({"limit_val_batches": 0} if args.no_validation else {}),
     )
+    ShardedRegressor.freeze_first = args.freeze_first
     model = {"tiny": TinyRegressor, "batchnorm": BatchNormRegressor, "fsdp2": ShardedRegressor}[args.model]()
     try:
         trainer.fit(model, ckpt_path=args.ckpt_path or ("last" if args.resume else None))

@@ -7,7 +7,8 @@ resume replays the same batches). Saves every 2 steps, a full save every 3rd sav
 ba2 (full), ba4, ba6 (both reference ba2), ba8 (full), ba10, ba12 (both reference ba8).
 
 Run as ``python tests/faults.py tests/incremental_worker.py --folder F [--resume] [--state OUT]``
-(with ``LIGHTNING_CKPT_KILL_AT`` set to die at a point of a save) or call :func:`fit` in-process.
+(with ``LIGHTNING_CKPT_KILL_AT`` set to die at a point of a save), under torchrun with
+``--devices 2`` (DDP, gloo), or call :func:`fit` in-process.
 ``--state`` writes everything a resume must restore: weights, buffers, optimizer and scheduler
 state, the step, and the saver's state.
 """
@@ -60,6 +61,7 @@ def fit(
     async_save: bool = True,
     callbacks: Sequence[L.Callback] = (),
     plugins: Sequence[Any] = (),
+    devices: int = 1,
     **saver_options: Any,
 ) -> tuple[L.Trainer, Adapted]:
     """Fit from scratch (or from ``"last"`` in ``folder``) for ``steps`` steps, saving every 2."""
@@ -73,7 +75,8 @@ def fit(
         plugins=list(plugins),
         callbacks=[saver, *callbacks],
         accelerator="cpu",
-        devices=1,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -103,9 +106,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folder", required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--state", default=None)
+    parser.add_argument("--devices", type=int, default=1, help="ranks (DDP under torchrun when above 1)")
     args = parser.parse_args(argv)
-    trainer, model = fit(args.folder, resume=args.resume)
-    if args.state:
+    trainer, model = fit(args.folder, resume=args.resume, devices=args.devices)
+    if args.state and trainer.is_global_zero:
         torch.save(full_state(trainer, model), args.state)
     return 0
 

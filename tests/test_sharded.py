@@ -168,3 +168,26 @@ def test_a_rank0_full_state_dict_saves_and_resumes_too(uninterrupted: Path, tmp_
     assert resumed["optimizer_states"][0]["param_groups"][0]["params"] == list(range(len(names))), "by index"
     a, b = _by_name(resumed, names), _by_name(full, names)
     assert a.keys() == b.keys() and all(torch.equal(a[k][f], b[k][f]) for k in b for f in b[k])
+
+
+def test_incremental_fsdp2_references_each_ranks_base_chunks_and_resumes_bitwise(tmp_path: Path) -> None:
+    """FSDP2 with a frozen first layer and ``incremental=True``: each rank references the chunks of the frozen
+    layer in the base (ep0-ba4, both ranks' shard files); resuming from the delta ep1-ba8 ends bitwise equal."""
+    frozen = ["--incremental", "--freeze-first"]
+    full = tmp_path / "full"
+    _ok(run_fsdp2("--folder", str(full), "--epochs", "3", *frozen))
+    manifest = json.loads((full / f"ep2-ba{STEPS}" / "manifest.json").read_text())
+    assert manifest["format_version"] == 3
+    tensors = {t["key"]: t for t in manifest["tensors"]}
+    for key in ("state_dict/net.0.weight", "state_dict/net.0.bias"):
+        assert {c["file"] for c in tensors[key]["chunks"]} == {
+            "../ep0-ba4/shard-00000-of-00002.safetensors", "../ep0-ba4/shard-00001-of-00002.safetensors",
+        }, key  # fmt: skip
+    for key in ("state_dict/net.2.weight", "optimizer_states/0/state/net.2.weight/exp_avg"):
+        assert not any(c["file"].startswith("../") for c in tensors[key]["chunks"]), key
+
+    resumed = tmp_path / "resumed"
+    _ok(run_fsdp2("--folder", str(resumed), "--epochs", "2", *frozen))  # ep0-ba4 (full), ep1-ba8 (delta)
+    assert json.loads((resumed / "ep1-ba8" / "manifest.json").read_text())["format_version"] == 3
+    _ok(run_fsdp2("--folder", str(resumed), "--epochs", "3", "--resume", *frozen))  # in place, from the delta
+    assert_same_training_state(final(resumed), final(full))
