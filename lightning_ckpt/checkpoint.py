@@ -24,19 +24,12 @@ from typing import Any
 import torch
 
 from lightning_ckpt import _faults, layout
-from lightning_ckpt.incremental import Base, split_shard, write_speculatively
+from lightning_ckpt.incremental import Base, Split, split_shard
 from lightning_ckpt.manifest import ChunkOf, FileEntry, TensorEntry
 from lightning_ckpt.plan import paused_gc
 from lightning_ckpt.staging import StagedShard, StagingBuffer
 from lightning_ckpt.storage import Storage
-from lightning_ckpt.writer import (
-    ShardPlan,
-    WrittenShard,
-    checksum_of,
-    plan_shard,
-    write_shard_local,
-    write_shard_stream,
-)
+from lightning_ckpt.writer import ShardPlan, checksum_of, plan_shard, write_shard_local, write_shard_stream
 
 __all__ = [
     "PreparedShard",
@@ -68,11 +61,14 @@ class PreparedShard:
         plan: the shard plan; its tensors are the staged copies when ``staged`` is set.
         staged: the snapshot in a staging buffer, or ``None`` (written from the tensors' own memory).
         devices: each tensor's original device, recorded in the manifest for ``map_location``.
+        split: for an incremental save of CPU tensors, what was hashed and referenced before staging
+            (``plan`` then holds the changed pieces alone); ``None`` otherwise.
     """
 
     plan: ShardPlan
     staged: StagedShard | None
     devices: dict[str, str]
+    split: Split | None = None
 
     @property
     def nbytes(self) -> int:
@@ -87,11 +83,15 @@ def prepare_shard(
     count: int,
     staging: StagingBuffer | None = None,
     chunks: Mapping[str, ChunkOf] | None = None,
+    incremental: bool = False,
+    base: Base | None = None,
 ) -> PreparedShard:
     """Lay out one shard of ``tensors``; with ``staging``, copy them into it (the point-in-time snapshot).
 
     Tensors on an accelerator are always staged (into pinned memory when ``staging`` is given,
-    else into fresh host memory).
+    else into fresh host memory). With ``incremental`` and tensors all on the CPU, every piece is
+    hashed first (:func:`~lightning_ckpt.incremental.split_shard`): the pieces whose bytes ``base``
+    holds are neither staged nor written.
     """
     name = layout.shard_filename(index, count)
     with paused_gc():  # 100,000 small tensors: no collector passes over the entries being built
@@ -99,8 +99,12 @@ def prepare_shard(
         if staging is None:
             tensors = {k: (t if t.device.type == "cpu" else t.to("cpu")) for k, t in tensors.items()}
         plan = plan_shard(tensors, file=name, devices=devices, chunks=chunks)
+    split = None
+    if incremental and all(t.device.type == "cpu" for t in tensors.values()):
+        split = split_shard(plan, base)
+        plan = split.plan
     staged = staging.stage(plan) if staging is not None else None
-    return PreparedShard(plan=staged.plan if staged else plan, staged=staged, devices=devices)
+    return PreparedShard(plan=staged.plan if staged else plan, staged=staged, devices=devices, split=split)
 
 
 def write_prepared_shard(
@@ -112,36 +116,29 @@ def write_prepared_shard(
     direct_io: bool = True,
     incremental: bool = False,
     base: Base | None = None,
-    guess: frozenset[str] | None = None,
 ) -> tuple[list[FileEntry], list[TensorEntry]]:
     """Write a prepared shard into ``directory``; return its file entries and tensor entries.
 
-    With ``incremental`` every piece is hashed (:mod:`lightning_ckpt.incremental`): pieces whose
+    With ``incremental`` every piece is hashed (:mod:`lightning_ckpt.incremental`), by
+    :func:`prepare_shard` for CPU tensors, here (on the staged copy) for the others: pieces whose
     bytes ``base`` holds are referenced instead of written (their base files follow the shard's
-    entry in the list), and the written ones carry their digests. With a ``guess`` of the pieces
-    that changed (a local file), they are written while the hashing runs
-    (:func:`~lightning_ckpt.incremental.write_speculatively`).
+    entry in the list), and the written ones carry their digests.
     """
     path = storage.join(directory, shard.plan.file)
     image = None
     if shard.staged is not None:
         shard.staged.ready()
         image = shard.staged.padded
-
-    def write(plan: ShardPlan, image: torch.Tensor | None = None) -> WrittenShard:
-        if storage.is_local:
-            return write_shard_local(path, plan, rank=rank, image=image, direct_io=direct_io)
-        with storage.open_write(path) as stream:
-            return write_shard_stream(stream, plan, rank=rank, image=image)
-
-    split = None
-    if not incremental:
-        written = write(shard.plan, image)
-    elif base is not None and guess is not None and storage.is_local:
-        written, split = write_speculatively(shard.plan, base, guess, write, lambda: storage.remove_file(path))
+    plan, split = shard.plan, shard.split
+    if incremental and split is None:
+        split = split_shard(plan, base)
+        if split.references:
+            plan, image = split.plan, None  # the staged image holds every piece: write the changed ones alone
+    if storage.is_local:
+        written = write_shard_local(path, plan, rank=rank, image=image, direct_io=direct_io)
     else:
-        split = split_shard(shard.plan, base)  # the staged image holds every piece: used only if all are written
-        written = write(split.plan, None if split.references else image)
+        with storage.open_write(path) as stream:
+            written = write_shard_stream(stream, plan, rank=rank, image=image)
     if split is None:
         return [written.file], written.entries
     entries = [dataclasses.replace(e, digest=split.digests[e.key]) for e in written.entries]

@@ -131,8 +131,6 @@ class PreparedSave:
     keys: frozenset[str] = frozenset()
     incremental: IncrementalState | None = None
     base: Base | None = None
-    written: frozenset[str] = frozenset()  # keys of the pieces this rank wrote (not referenced)
-    guess: frozenset[str] | None = None  # what it will likely write: what changed at its previous delta
 
     @property
     def url(self) -> str:
@@ -218,12 +216,11 @@ def prepare_save(
         incremental=incremental,
         base=incremental.plan(storage, target) if incremental is not None else None,
     )
-    if incremental is not None:
-        prepared.guess = incremental.guess(prepared.base)
     try:
         tensors = agreed.tensors
         prepared.shard = prepare_shard({k: tensors[k] for k in agreed.mine}, index=index, count=len(group),
-                                       staging=staging, chunks=agreed.chunks)  # fmt: skip
+                                       staging=staging, chunks=agreed.chunks, incremental=incremental is not None,
+                                       base=prepared.base)  # fmt: skip
         if index == 0:
             prepared.objects = pickle_objects(agreed.skeleton)
     except Exception as err:  # reported to every rank at the "written" barrier
@@ -240,7 +237,7 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
     except BaseException:
         prepared.incremental.committed(prepared.storage, prepared.target, False)  # the next save is full
         raise
-    prepared.incremental.committed(prepared.storage, prepared.target, True, prepared.written)
+    prepared.incremental.committed(prepared.storage, prepared.target, True)
     return result
 
 
@@ -258,8 +255,7 @@ def _finish_save(prepared: PreparedSave, *, direct_io: bool) -> SaveResult:
             _faults.reached("shard.before", exchange.rank)
             files, entries = write_prepared_shard(storage, staged, prepared.shard, rank=exchange.rank,
                                                   direct_io=direct_io, incremental=prepared.incremental is not None,
-                                                  base=prepared.base, guess=prepared.guess)  # fmt: skip
-            prepared.written = frozenset(e.key for e in entries if layout.parse_reference(e.file) is None)
+                                                  base=prepared.base)  # fmt: skip
             if prepared.objects is not None:
                 files.append(write_objects(storage, staged, prepared.objects, rank=exchange.rank))
             for hook in prepared.hooks:

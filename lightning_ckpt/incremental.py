@@ -46,7 +46,7 @@ from lightning_ckpt.errors import CheckpointError
 from lightning_ckpt.fastwrite import tensor_bytes
 from lightning_ckpt.manifest import FileEntry, Manifest, TensorEntry
 from lightning_ckpt.storage import Storage
-from lightning_ckpt.writer import ShardPlan, WrittenShard, plan_shard
+from lightning_ckpt.writer import ShardPlan, plan_shard
 
 __all__ = [
     "Base",
@@ -56,14 +56,12 @@ __all__ = [
     "digest_of",
     "references_in",
     "split_shard",
-    "write_speculatively",
 ]
 
 log = logging.getLogger("lightning_ckpt")
 
 DIGEST_PREFIX = "xxh3_128:"
 HASH_THREADS = 2  # memory-bound: a second thread adds ~20-40 % on this 2-core VM, more add nothing
-SPECULATIVE_HASH_THREADS = 1  # beside a write, whose copy and checksum threads take the other core
 _PARALLEL_FROM_BYTES = 64 * 1024 * 1024
 _REFERENCE_RE = re.compile(rb'"\.\./([^/"\\]+)/')
 
@@ -154,13 +152,13 @@ class Split:
     files: list[FileEntry]
 
 
-def split_shard(plan: ShardPlan, base: Base | None, threads: int = HASH_THREADS) -> Split:
+def split_shard(plan: ShardPlan, base: Base | None) -> Split:
     """Hash every piece of ``plan``; leave out those whose bytes ``base`` already holds (none without a base).
 
     The pieces left are laid out again (:func:`~lightning_ckpt.writer.plan_shard`) under the same
     file name; the written pieces' digests go into the manifest, so this save can be a base later.
     """
-    digests = dict(zip((e.key for e in plan.entries), _digests(plan.tensors, threads), strict=True))
+    digests = dict(zip((e.key for e in plan.entries), _digests(plan.tensors, HASH_THREADS), strict=True))
     references: list[TensorEntry] = []
     for entry in plan.entries:
         found = base.match(entry, digests[entry.key]) if base is not None else None
@@ -179,36 +177,6 @@ def _subset(plan: ShardPlan, keep: Callable[[str], bool]) -> ShardPlan:
     devices = {e.key: e.device for e in plan.entries}
     chunks = {e.key: e.chunk_of for e in plan.entries if e.chunk_of is not None}
     return plan_shard(kept, file=plan.file, devices=devices, chunks=chunks)
-
-
-def write_speculatively(
-    plan: ShardPlan,
-    base: Base,
-    guess: frozenset[str],
-    write: Callable[[ShardPlan], WrittenShard],
-    remove: Callable[[], None],
-) -> tuple[WrittenShard, Split]:
-    """Write the pieces in ``guess`` (those that changed at this rank's previous save) while every piece
-    is hashed, so the write and the hashing overlap; then confirm with the hashes.
-
-    If only guessed pieces changed, the file stands: a guessed piece that turned out unchanged is
-    written all the same (never referenced), and every other piece is referenced. If a piece outside
-    the guess changed, the file is removed and the changed pieces are written after all. Either way
-    a piece is referenced only when its digest equals the base's.
-    """
-    guessed = _subset(plan, lambda key: key in guess)
-    with ThreadPoolExecutor(1, thread_name_prefix="lightning_ckpt-hash") as hasher:
-        hashing = hasher.submit(split_shard, plan, base, SPECULATIVE_HASH_THREADS)
-        try:
-            written = write(guessed)
-        finally:
-            split = hashing.result()
-    referenced = {r.key for r in split.references}
-    if all(e.key in guess or e.key in referenced for e in plan.entries):
-        references = [r for r in split.references if r.key not in guess]
-        return written, Split(guessed, split.digests, references, base.files_of(references))
-    remove()
-    return write(split.plan), split
 
 
 def _digests(tensors: list[torch.Tensor], threads: int) -> list[str]:
@@ -233,7 +201,6 @@ class IncrementalState:
         self.full_every = full_every
         self.base: Base | None = None
         self.since_full = 0
-        self.changed: frozenset[str] | None = None  # what this rank wrote at its last save of a delta
 
     def plan(self, storage: Storage, path: str) -> Base | None:
         """The base the save to ``path`` may reference, or ``None``: a full save (and then a new base)."""
@@ -245,25 +212,19 @@ class IncrementalState:
             return None  # another folder, or the base itself being replaced: write everything
         return base
 
-    def guess(self, base: Base | None) -> frozenset[str] | None:
-        """What the next save against ``base`` will likely write: what changed at the last delta of it."""
-        return self.changed if base is not None and base is self.base else None
-
-    def committed(self, storage: Storage, path: str, ok: bool, written: frozenset[str] = frozenset()) -> None:
-        """Record the outcome of the save to ``path`` (a full save that committed becomes the base) and the
-        keys this rank ``written`` in it."""
+    def committed(self, storage: Storage, path: str, ok: bool) -> None:
+        """Record the outcome of the save to ``path`` (a full save that committed becomes the base)."""
         if not ok:
-            self.base, self.since_full, self.changed = None, 0, None
+            self.base, self.since_full = None, 0
             return
         from lightning_ckpt.reader import read_manifest  # reader imports the writers' modules
 
         manifest = read_manifest(storage, path)
         base = Base.of(storage.dirname(path.rstrip("/")), manifest)
         if base is not None:
-            self.base, self.since_full, self.changed = base, 0, None
+            self.base, self.since_full = base, 0
         else:
             self.since_full += 1
-            self.changed = written
 
 
 def references_in(storage: Storage, folder: str) -> dict[str, frozenset[str]]:
