@@ -326,3 +326,34 @@ def test_two_ddp_ranks_reference_both_base_shards_and_a_delta_loads_into_one_pro
     expected = torch.load(tmp_path / "state.pt", weights_only=False)
     trainer, model = fit(str(folder), resume=True)  # one process, from the two ranks' delta; nothing left to run
     _same_run(full_state(trainer, model), expected)
+
+
+def test_model_checkpoint_with_an_incremental_plugin_keeps_bases_its_rotation_would_break(tmp_path: Path) -> None:
+    """Lightning's own ``ModelCheckpoint`` rotates through ``remove_checkpoint``: a base that a kept delta
+    reads from stays until the last such delta is removed, then goes too."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from .incremental_worker import Adapted
+
+    folder = tmp_path / "mc"
+    io = ShardedCheckpointIO(incremental=True, full_every=3)
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=12, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, plugins=[io], default_root_dir=str(tmp_path),
+        callbacks=[ModelCheckpoint(dirpath=str(folder), every_n_train_steps=2, save_top_k=2, monitor="step",
+                                   mode="max", filename="s{step}", auto_insert_metric_name=False)],
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 64, generator=g), torch.randn(16, 1, generator=g))
+    trainer.fit(Adapted(), torch.utils.data.DataLoader(data, batch_size=8))
+    # saves at steps 2 (full), 4, 6, 8 (full), 10, 12; top 2 by step: 10 and 12, which read from step 8's base
+    assert _committed(folder) == ["s10.ckpt", "s12.ckpt", "s8.ckpt"]
+    assert {f["name"] for f in _manifest(folder, "s12.ckpt")["files"] if f["name"].startswith("../")} == {
+        "../s8.ckpt/shard-00000-of-00001.safetensors"
+    }
+    for name in _committed(folder):
+        assert main(["verify", str(folder / name)]) == 0
+    _same(read_checkpoint(str(folder / "s12.ckpt"))["state_dict"], {
+        k: v for k, v in trainer.lightning_module.state_dict().items()
+    })  # fmt: skip
