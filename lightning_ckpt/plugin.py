@@ -410,18 +410,17 @@ class ShardedCheckpointIO(CheckpointIO):
     def expect_resume(self, path: str, plan: ResumePlan) -> None:
         """The next load of ``path`` follows ``plan`` (the saver's ``"last"``): its first candidate that verifies.
 
-                Example:
-                    >>> import os, shutil, tempfile, torch
-                    >>> from lightning_ckpt.rotation import delete_checkpoints
-        from lightning_ckpt.resume import Candidate, ResumePlan
-                    >>> io, folder = ShardedCheckpointIO(), tempfile.mkdtemp()
-                    >>> ba1, ba2 = (os.path.join(folder, name) for name in ("ba1", "ba2"))
-                    >>> for step, path in ((1, ba1), (2, ba2)):
-                    ...     io.save_checkpoint({"w": torch.ones(1), "global_step": step}, path)
-                    >>> io.expect_resume(folder, ResumePlan((Candidate(2, ba2), Candidate(1, ba1))))
-                    >>> shutil.rmtree(ba2)  # the newest one is gone: the load falls back to ba1, with a warning
-                    >>> io.load_checkpoint(folder)["global_step"], io.last_resume.skipped == (ba2,)
-                    (1, True)
+        Example:
+            >>> import os, shutil, tempfile, torch
+            >>> from lightning_ckpt.resume import Candidate, ResumePlan
+            >>> io, folder = ShardedCheckpointIO(), tempfile.mkdtemp()
+            >>> ba1, ba2 = (os.path.join(folder, name) for name in ("ba1", "ba2"))
+            >>> for step, path in ((1, ba1), (2, ba2)):
+            ...     io.save_checkpoint({"w": torch.ones(1), "global_step": step}, path)
+            >>> io.expect_resume(folder, ResumePlan((Candidate(2, ba2), Candidate(1, ba1))))
+            >>> shutil.rmtree(ba2)  # the newest one is gone: the load falls back to ba1, with a warning
+            >>> io.load_checkpoint(folder)["global_step"], io.last_resume.skipped == (ba2,)
+            (1, True)
         """
         self._expected[os.fspath(path)] = plan
 
