@@ -82,7 +82,12 @@ def check_sizes(storage: Storage, ckpt_dir: str, manifest: Manifest) -> None:
 def _check_size(storage: Storage, ckpt_dir: str, entry: FileEntry) -> None:
     path = storage.join(ckpt_dir, entry.name)
     if not storage.exists(path):
-        raise CorruptCheckpointError(f"{storage.url(path)} is missing (the manifest lists {entry.size} bytes)")
+        base = layout.parse_reference(entry.name)
+        why = "" if base is None else (
+            f"; it belongs to {base[0]!r}, the checkpoint this incremental one reads its unchanged tensors from,"
+            " which was deleted or moved outside lightning-ckpt (its rotation and prune keep it)"
+        )  # fmt: skip
+        raise CorruptCheckpointError(f"{storage.url(path)} is missing (the manifest lists {entry.size} bytes){why}")
     found = storage.size(path)
     if found != entry.size:
         raise CorruptCheckpointError(

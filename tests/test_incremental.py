@@ -157,6 +157,18 @@ def test_a_missing_base_file_refuses_the_commit_and_the_next_save_is_full(tmp_pa
     assert _manifest(folder, "ba3")["format_version"] == 2, "after a failure the next save writes everything"
 
 
+def test_a_delta_whose_base_was_deleted_by_hand_names_the_base_and_is_never_picked(tmp_path: Path) -> None:
+    io = ShardedCheckpointIO(incremental=True)
+    folder = tmp_path / "ckpts"
+    frozen = torch.randn(1000)
+    io.save_collective({"frozen": frozen, "global_step": 1}, str(folder / "ba1"))
+    io.save_collective({"frozen": frozen, "global_step": 2}, str(folder / "ba2"))
+    shutil.rmtree(folder / "ba1")  # outside lightning-ckpt: rotation and prune would have kept it
+    with pytest.raises(CheckpointError, match=r"is missing .*it belongs to 'ba1', the checkpoint this incremental one"):
+        read_checkpoint(str(folder / "ba2"))
+    assert latest(str(folder)) is None, '"last" never resumes from a delta without its base'
+
+
 def test_replacing_a_referenced_checkpoint_is_refused(tmp_path: Path) -> None:
     io = ShardedCheckpointIO(incremental=True)
     folder = tmp_path / "ckpts"
