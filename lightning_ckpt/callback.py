@@ -517,8 +517,7 @@ class CheckpointSaver(Checkpoint):
     def _rotate(self, storage: Storage, folder: str, doomed: list[str]) -> None:
         """Delete what retention dropped (on the committing rank, after the commit), except bases that
         incremental checkpoints still read: those are kept and tried again after each later save."""
-        earlier = [name for name in sorted(self._held) if storage.exists(storage.join(folder, name))]
-        self._held = set(delete_checkpoints(storage, folder, [*doomed, *earlier]))
+        self._held = set(delete_checkpoints(storage, folder, doomed, retry=self._held))
 
     @property
     def saved_checkpoints(self) -> list[str]:

@@ -235,9 +235,9 @@ def finish_save(prepared: PreparedSave, *, direct_io: bool = True) -> SaveResult
     try:
         result = _finish_save(prepared, direct_io=direct_io)
     except BaseException:
-        prepared.incremental.committed(prepared.storage, prepared.target, False)  # the next save is full
+        prepared.incremental.committed(prepared.storage, prepared.target, False, full=prepared.base is None)
         raise
-    prepared.incremental.committed(prepared.storage, prepared.target, True)
+    prepared.incremental.committed(prepared.storage, prepared.target, True, full=prepared.base is None)
     return result
 
 

@@ -212,10 +212,14 @@ class IncrementalState:
             return None  # another folder, or the base itself being replaced: write everything
         return base
 
-    def committed(self, storage: Storage, path: str, ok: bool) -> None:
-        """Record the outcome of the save to ``path`` (a full save that committed becomes the base)."""
+    def committed(self, storage: Storage, path: str, ok: bool, *, full: bool) -> None:
+        """Record the outcome of the save to ``path``, planned ``full`` (no base) or not: a full save that
+        committed becomes the base (its manifest, with every rank's digests, is read once for it)."""
         if not ok:
             self.base, self.since_full = None, 0
+            return
+        if not full:  # planned against a base: never a base itself, even if nothing matched; nothing to read
+            self.since_full += 1
             return
         from lightning_ckpt.reader import read_manifest  # reader imports the writers' modules
 

@@ -145,7 +145,7 @@ class ShardedCheckpointIO(CheckpointIO):
         self.verify_checksums = check_bool("verify_checksums", verify_checksums)
         self.verify_replicas = check_bool("verify_replicas", verify_replicas)
         self.full_every = check_count("full_every", full_every, "10 (every 10th save writes everything)")
-        self.incremental = check_bool("incremental", incremental)
+        self._incremental = IncrementalState(self.full_every) if check_bool("incremental", incremental) else None
         self._held: dict[str, set[str]] = {}  # folder -> checkpoints remove_checkpoint kept for their dependants
         self._pipeline = SavePipeline(direct_io=check_bool("direct_io", direct_io))
         self.mirror = RemoteMirror(self)  # reads the settings above at each use: the plugin owns them
@@ -169,13 +169,6 @@ class ShardedCheckpointIO(CheckpointIO):
             (False, True)
         """
         return self._incremental is not None
-
-    @incremental.setter
-    def incremental(self, value: bool) -> None:
-        if not check_bool("incremental", value):
-            self._incremental: IncrementalState | None = None
-        elif getattr(self, "_incremental", None) is None:
-            self._incremental = IncrementalState(self.full_every)
 
     def start_incremental(self, full_every: int) -> None:
         """Turn incremental saves on with a new ``full_every``; the next save is full (a new base).
@@ -537,8 +530,7 @@ class ShardedCheckpointIO(CheckpointIO):
                     ) from err
                 folder, name = storage.dirname(target.rstrip("/")), storage.basename(target.rstrip("/"))
                 # a base kept earlier for its incremental dependants is deleted once they are gone
-                earlier = sorted(n for n in self._held.get(folder, ()) if storage.exists(storage.join(folder, n)))
-                self._held[folder] = set(delete_checkpoints(storage, folder, [name, *earlier]))
+                self._held[folder] = set(delete_checkpoints(storage, folder, [name], retry=self._held.get(folder, ())))
 
         self._pipeline.submit(remove)  # after the save in flight, in order (ModelCheckpoint removes right after)
 

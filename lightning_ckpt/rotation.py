@@ -121,13 +121,17 @@ def deletion_order(storage: Storage, folder: str, names: Collection[str]) -> tup
     return order, [n for n in wanted if n not in doomed]
 
 
-def delete_checkpoints(storage: Storage, folder: str, names: Collection[str]) -> list[str]:
+def delete_checkpoints(
+    storage: Storage, folder: str, names: Collection[str], *, retry: Collection[str] = ()
+) -> list[str]:
     """Delete checkpoints of ``folder`` by name, each manifest first (a half-deleted one never looks committed).
 
     A checkpoint whose files a remaining incremental checkpoint reads is not deleted (see
-    :func:`deletion_order`); the names kept for that reason are returned, to be deleted later.
+    :func:`deletion_order`); the names kept for that reason are returned, to be passed as ``retry``
+    to a later call, which deletes those still there once nothing reads them.
     """
-    order, held = deletion_order(storage, folder, names)
+    again = [n for n in sorted(set(retry) - set(names)) if storage.exists(storage.join(folder, n))]
+    order, held = deletion_order(storage, folder, [*names, *again])
     for name in order:
         log.info("Removing old checkpoint %s", storage.url(storage.join(folder, name)))
         remove_checkpoint_dir(storage, storage.join(folder, name))
