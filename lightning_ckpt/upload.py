@@ -306,7 +306,8 @@ class Uploader:
         exchange.report(_REPORT, "skipped")
         self._await_members(job, allowed=("ok", "skipped"))
         with open(os.path.join(job.local_dir, layout.MANIFEST_FILENAME), "rb") as f:
-            names = [entry.name for entry in Manifest.from_json(f.read(), source=job.local_dir).files]
+            # its own files only: an incremental checkpoint also lists its base's files, which stay
+            names = [entry.name for entry in Manifest.from_json(f.read(), source=job.local_dir).own_files]
         for name in [layout.MANIFEST_FILENAME, *names]:  # the manifest first: under overwrite=True an older
             remote = self._remote(job, name)  # commit of this name is deleted as rotation deletes, never half
             self._retry(functools.partial(self.storage.remove_file, remote), f"removal of {remote}")

@@ -6,6 +6,7 @@ Uploads go to a real S3 server (moto on 127.0.0.1) and are slowed by the fault h
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -120,6 +121,36 @@ def test_a_member_stops_when_the_committing_rank_replaces_the_checkpoint(
     assert done == ["ba2", "ba1"]  # ba1's rotation ran only once ba2 was committed in the store
     assert not storage.exists(storage.join(root, "ba1")) or storage.listdir(storage.join(root, "ba1")) == []
     assert read_checkpoint(f"{s3_bucket.url}/run/ba2", storage_options=s3_bucket.storage_options)["global_step"] == 2
+
+
+def test_a_dropped_incremental_upload_removes_its_own_files_never_its_bases(
+    s3_bucket: S3Bucket, tmp_path: Path, slow_uploads: dict[int, float]
+) -> None:
+    """A delta whose upload a newer checkpoint drops lists its base's files too; removing what was uploaded
+    of it must leave the base (committed in the store, read by other deltas) whole."""
+    storage, root = Storage.open(f"{s3_bucket.url}/run", s3_bucket.storage_options)
+    io = ShardedCheckpointIO(incremental=True)
+    frozen = torch.randn(4096)
+    for step in (1, 2):  # ba1 the base, ba2 a delta reading ba1's shard
+        io.save_collective(
+            {"frozen": frozen, "t": torch.full((4,), step), "global_step": step}, str(tmp_path / f"ba{step}")
+        )
+    assert any(f.startswith("../ba1/") for f in read_manifest_names(tmp_path / "ba2"))
+    uploader = Uploader(storage, root, upload_timeout_s=60)
+    slow_uploads[0] = 0.3
+    for name in ("ba1", "ba2"):
+        own = sorted(n for n in os.listdir(tmp_path / name) if n != "manifest.json")
+        uploader.submit(UploadJob(local_dir=str(tmp_path / name), name=name, files=own, commit=True))
+    uploader.supersede(["ba2"])  # while ba1 uploads: a newer checkpoint's retention drops ba2
+    uploader.wait()
+    uploader.close()
+    assert uploader.committed == ["ba1"] and uploader.skipped == ["ba2"]
+    base = read_checkpoint(f"{s3_bucket.url}/run/ba1", storage_options=s3_bucket.storage_options)
+    assert torch.equal(base["frozen"], frozen), "the base's shard is still in the store"
+
+
+def read_manifest_names(ckpt: Path) -> list[str]:
+    return [f["name"] for f in json.loads((ckpt / "manifest.json").read_text())["files"]]
 
 
 def test_the_backlog_is_bounded_and_the_wait_is_logged(
