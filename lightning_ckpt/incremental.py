@@ -266,10 +266,11 @@ def references_in(storage: Storage, folder: str) -> dict[str, frozenset[str]]:
 
 def check_references(storage: Storage, ckpt_dir: str, manifest: Manifest) -> None:
     """Refuse to commit ``manifest`` (about to be published from ``ckpt_dir``) when a base file it
-    references is gone or changed size, or when it would replace a checkpoint that others reference.
+    references is gone or changed size. (Replacing a checkpoint that others reference is refused by
+    :func:`lightning_ckpt.targets.check_target`, before anything is written.)
 
     Raises:
-        CheckpointError: naming the file or the dependants; nothing is committed, and the next save
+        CheckpointError: naming the file; nothing is committed, and the next save
             of an :class:`IncrementalState` is full.
     """
     for entry in manifest.referenced_files:
@@ -283,13 +284,4 @@ def check_references(storage: Storage, ckpt_dir: str, manifest: Manifest) -> Non
                 f"incremental save of {manifest.name!r}: {storage.url(path)}, a file of the base checkpoint it"
                 f" references, is {'missing' if size is None else f'{size} bytes, not {entry.size}'}; nothing was"
                 " committed and the next save writes everything"
-            )
-    folder = storage.dirname(ckpt_dir.rstrip("/"))
-    if storage.exists(storage.join(folder, manifest.name)):
-        dependants = sorted(n for n, refs in references_in(storage, folder).items() if manifest.name in refs)
-        if dependants:
-            raise CheckpointError(
-                f"cannot replace checkpoint {manifest.name!r} in {storage.url(folder)}: the incremental"
-                f" checkpoints {dependants} read tensors from its files; nothing was committed. Save under a new"
-                " name (a filename with {batch}), or delete those checkpoints first"
             )

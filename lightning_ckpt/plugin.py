@@ -522,7 +522,7 @@ class ShardedCheckpointIO(CheckpointIO):
                 storage.remove_file(target)  # a link (save_last="link"): no data goes with it
             elif storage.exists(target):
                 try:
-                    check_target(storage, target)
+                    check_target(storage, target, replacing=False)
                 except TargetExistsError as err:  # never delete what this package did not write
                     raise TargetExistsError(
                         f"remove_checkpoint({storage.url(target)!r}): not a lightning-ckpt checkpoint or a"

@@ -17,6 +17,7 @@ from typing import Literal
 
 from lightning_ckpt import layout
 from lightning_ckpt.errors import CorruptCheckpointError, TargetExistsError
+from lightning_ckpt.incremental import references_in
 from lightning_ckpt.manifest import Manifest
 from lightning_ckpt.storage import Storage
 
@@ -77,11 +78,25 @@ def _refuse(storage: Storage, target: str, what: str) -> TargetExistsError:
     )
 
 
-def check_target(storage: Storage, target: str) -> Literal["absent", "checkpoint", "legacy"]:
+def _refuse_if_referenced(storage: Storage, target: str) -> None:
+    folder, name = storage.dirname(target.rstrip("/")), storage.basename(target.rstrip("/"))
+    dependants = sorted(n for n, refs in references_in(storage, folder).items() if name in refs)
+    if dependants:
+        raise TargetExistsError(
+            f"cannot replace checkpoint {name!r} in {storage.url(folder)}: the incremental checkpoints"
+            f" {dependants} read tensors from its files; nothing was written. Save under a new name (a"
+            " filename with {batch}), or delete those checkpoints first"
+        )
+
+
+def check_target(storage: Storage, target: str, *, replacing: bool = True) -> Literal["absent", "checkpoint", "legacy"]:
     """What is at a save's ``target`` now; raise :class:`TargetExistsError` if a save may not replace it.
 
     ``"checkpoint"``: a checkpoint of this format (or the files of one whose save or deletion was
-    killed); ``"legacy"``: a single-file ``torch.save`` checkpoint; ``"absent"``: nothing.
+    killed); ``"legacy"``: a single-file ``torch.save`` checkpoint; ``"absent"``: nothing. With
+    ``replacing`` (a save), a committed checkpoint that incremental checkpoints of its folder read
+    from is refused too (:func:`lightning_ckpt.incremental.references_in`); ``replacing=False`` only
+    asks whether the target is a checkpoint (a deletion, which keeps such a base itself).
 
     Example:
         >>> import tempfile
@@ -95,6 +110,8 @@ def check_target(storage: Storage, target: str) -> Literal["absent", "checkpoint
         return "absent"
     if storage.isdir(target):
         if _committed_here(storage, target):
+            if replacing:
+                _refuse_if_referenced(storage, target)
             return "checkpoint"
         names = [n for n in storage.listdir(target) if not is_checkpoint_file(n)]
         shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

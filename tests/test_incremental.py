@@ -179,6 +179,7 @@ def test_replacing_a_referenced_checkpoint_is_refused(tmp_path: Path) -> None:
     plain = ShardedCheckpointIO()
     with pytest.raises(CheckpointError, match=r"cannot replace checkpoint 'ba1'.*\['ba2'\] read tensors from its"):
         plain.save_collective({"frozen": frozen, "step": torch.ones(1) * 3}, str(folder / "ba1"))
+    assert sorted(os.listdir(folder)) == ["ba1", "ba2"], "refused before anything was written"
     _same(read_checkpoint(str(folder / "ba2"))["frozen"], frozen)
 
 
